@@ -1,0 +1,221 @@
+"""Predictor: the class the Ray Data actors and the Serve replicas hold. No Ray imports.
+
+`Predictor(model=DIR, adapters=DIR, task=TASK, **options)(batch)` runs a batch in any of
+Ray Data's formats; each row goes through its own adapter (`adapter_id`), or through
+several (`adapter_ids`: one output row each), in shared model calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from actors.batches import from_columns, to_columns
+from actors.config import PredictorConfig
+from actors.runtime import AdapterRuntime
+from actors.store import AdapterStore
+from actors.tasks import TASK_CLASSES, Encoded, RowError
+
+logger = logging.getLogger(__name__)
+ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
+
+
+@dataclass
+class _Row:
+    """One output row in the making."""
+
+    source: int  # index of its input row
+    adapter: Any  # the adapter id as given (None / "" for base rows)
+    encoded: Encoded | None = None
+    outputs: dict | None = None
+    error: str | None = None
+
+    @property
+    def adapter_key(self) -> str | None:
+        """The adapter to route through, None for base rows."""
+        return self.adapter or None
+
+
+class Predictor:
+    """One base model with every adapter of a store attached, running mixed batches.
+
+    Args:
+        model: local Hugging Face model folder.
+        adapters: adapter store folder (sub-folders are PEFT adapters), or None.
+        task: generate, classify, embed or classify-image.
+        **options: the remaining fields of `PredictorConfig` (device, dtype, ...).
+
+    Raises:
+        ValueError: bad options, a bad model folder, or an adapter that cannot be routed
+            (the message names it).
+        RuntimeError: the start-up canary found mixed batches disagreeing with single-adapter runs.
+    """
+
+    def __init__(self, model: str, adapters: str | None = None, task: str = "generate", **options: Any) -> None:
+        started = time.perf_counter()
+        self.config = PredictorConfig(model=model, adapters=adapters, task=task, **options)
+        self.device = resolve_device(self.config.device)
+        hf_model, processor = load_model(self.config, self.device)
+        self.task = TASK_CLASSES[task](hf_model, processor, self.config)
+        self.runtime = AdapterRuntime(hf_model, AdapterStore(adapters), self.config.max_loaded_adapters)
+        if self.config.canary:
+            from actors.canary import check_routing
+
+            check_routing(self)
+        logger.info("Predictor ready in %.1fs: task %s, %d adapters, device %s", time.perf_counter() - started,
+                    task, len(self.runtime.adapter_ids), self.device)
+
+    @property
+    def adapter_ids(self) -> list[str]:
+        """Every adapter id of the store."""
+        return list(self.runtime.adapter_ids)
+
+    def __call__(self, batch: Any) -> Any:
+        """Run one batch; returns the same format with the task's output columns and `error`.
+
+        Raises:
+            ValueError: a malformed batch (no task column, both adapter columns).
+        """
+        fmt, columns, n = to_columns(batch)
+        self._check_columns(columns)
+        rows = self._expand(columns, n)
+        self._encode(rows, columns)
+        self._run(rows)
+        return self._output(batch, fmt, rows)
+
+    def _check_columns(self, columns: dict) -> None:
+        """Raise for a batch this task cannot read."""
+        if self.task.input_column not in columns:
+            raise ValueError(f"batch has no {self.task.input_column!r} column, which task {self.task.name!r} reads "
+                             f"(columns: {sorted(columns)})")
+        if ADAPTER_ID in columns and ADAPTER_IDS in columns:
+            raise ValueError(f"batch has both {ADAPTER_ID!r} and {ADAPTER_IDS!r}; use one of them")
+
+    def _expand(self, columns: dict, n: int) -> list[_Row]:
+        """One _Row per input row, or per named adapter of a fan-out row."""
+        if ADAPTER_IDS in columns:
+            return [_Row(i, a) for i, ids in enumerate(columns[ADAPTER_IDS]) for a in (list(ids or ()) or [None])]
+        adapters = columns.get(ADAPTER_ID, [None] * n)
+        return [_Row(i, adapters[i]) for i in range(n)]
+
+    def _encode(self, rows: list[_Row], columns: dict) -> None:
+        """Check adapters and encode inputs; problems go to the row's error."""
+        values = columns[self.task.input_column]
+        params = {p: columns[p] for p in self.task.row_parameters if p in columns}
+        for row in rows:
+            try:
+                if row.adapter_key is not None and not self._known(row.adapter_key):
+                    raise RowError("unknown_adapter", f"adapter {row.adapter!r} is not in the adapter store")
+                row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
+            except RowError as e:
+                row.error = str(e)
+
+    def _known(self, adapter: Any) -> bool:
+        """Whether `adapter` names an adapter of the store."""
+        return isinstance(adapter, str) and self.runtime.known(adapter)
+
+    def _run(self, rows: list[_Row]) -> None:
+        """Run every encoded row in model calls that fit the adapter capacity and batch size."""
+        todo = sorted((r for r in rows if r.error is None), key=_length)  # similar lengths pad less
+        for group in _groups(todo, self.runtime.capacity, self.config.max_batch_rows):
+            self._run_group(group)
+
+    def _run_group(self, group: list[_Row]) -> None:
+        """One model call; if it fails, each row alone, so a bad row fails by itself."""
+        try:
+            outputs = self._call_model(group)
+        except Exception as e:  # noqa: BLE001 - any model failure becomes the rows' `internal` error
+            _reraise_fatal(e)
+            if len(group) > 1:
+                for row in group:
+                    self._run_group([row])
+                return
+            logger.warning("row failed: %s", e)
+            group[0].error = f"internal: {type(e).__name__}: {e}"
+            return
+        for row, out in zip(group, outputs):
+            row.outputs = out
+
+    def _call_model(self, group: list[_Row]) -> list[dict]:
+        """Pin the group's adapters, route each row to its slot and run the task."""
+        adapters = [r.adapter_key for r in group if r.adapter_key is not None]
+        with self.runtime.acquire(adapters) as slots, torch.inference_mode():
+            with self.runtime.route([slots.get(r.adapter_key, 0) for r in group]):
+                return self.task.run([r.encoded for r in group])
+
+    def _output(self, batch: Any, fmt: str, rows: list[_Row]) -> Any:
+        """The result batch: pass-through columns, adapter_id, outputs and error."""
+        import pyarrow as pa
+
+        schema = pa.schema([pa.field(ADAPTER_ID, pa.string()), *self.task.output_schema, pa.field(ERROR, pa.string())])
+        nulls = self.task.null_outputs()
+        outputs = {name: [] for name in schema.names}
+        for row in rows:
+            values = {**nulls, **(row.outputs or {}), ADAPTER_ID: row.adapter, ERROR: row.error}
+            for name in schema.names:
+                outputs[name].append(values[name])
+        drop = {ADAPTER_IDS, "image"}
+        return from_columns(batch, fmt, [r.source for r in rows], drop, outputs, schema)
+
+
+def _length(row: _Row) -> int:
+    """Token count of a text row (0 for images)."""
+    inputs = row.encoded.inputs
+    return len(inputs) if isinstance(inputs, list) else 0
+
+
+def _groups(rows: list, capacity: int, max_rows: int) -> list[list]:
+    """Split rows into model calls of at most `max_rows` rows and `capacity` distinct adapters."""
+    groups, current, adapters = [], [], set()
+    for row in rows:
+        key = row.adapter_key
+        new = key is not None and key not in adapters
+        if current and (len(current) >= max_rows or (new and len(adapters) >= capacity)):
+            groups.append(current)
+            current, adapters = [], set()
+        current.append(row)
+        if key is not None:
+            adapters.add(key)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _reraise_fatal(error: Exception) -> None:
+    """Out-of-memory and device failures end the actor: they are not a row's problem."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        raise error
+    if isinstance(error, RuntimeError) and ("CUDA error" in str(error) or "device-side" in str(error)):
+        raise error
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is cuda when a GPU is visible, else cpu; `cuda` without one is refused."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device ({device!r}) asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The task's Auto model class and tokenizer or image processor, from a local folder."""
+    import transformers
+
+    task_class = TASK_CLASSES[config.task]
+    dtype = getattr(torch, config.dtype)
+    auto = getattr(transformers, task_class.auto_class)
+    processor_class = transformers.AutoImageProcessor if config.task == "classify-image" else transformers.AutoTokenizer
+    try:
+        model = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True)
+        processor = processor_class.from_pretrained(config.model, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot load model folder {config.model!r} as {task_class.auto_class} for task "
+                         f"{config.task!r}: {e}") from e
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(device).eval(), processor

@@ -1,0 +1,97 @@
+"""What every task shares: the row error type, the task interface, padding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+ERROR_KINDS = ("unknown_adapter", "empty_input", "too_long", "bad_image", "bad_parameter", "internal")
+
+
+class RowError(Exception):
+    """A problem with one row: it gets `error = "<kind>: <message>"`, the others run."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        assert kind in ERROR_KINDS, kind
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclass
+class Encoded:
+    """One row ready for the model: its inputs and per-row parameters."""
+
+    inputs: Any  # token ids (list[int]) or a PIL image
+    params: dict
+
+
+class Task:
+    """Turns rows into model inputs and model outputs into output columns.
+
+    Subclasses set `name`, `input_column`, `auto_class` and `output_schema`, and implement
+    `encode` (one row, may raise RowError), `run` (a batch of encoded rows, inside the
+    caller's routing) and `synthetic` (canary rows).
+    """
+
+    name: str
+    input_column: str
+    auto_class: str
+    output_schema: pa.Schema
+    row_parameters: tuple[str, ...] = ()
+
+    def __init__(self, model, processor, config) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.device = next(model.parameters()).device
+
+    def encode(self, value: Any, params: dict) -> Encoded:
+        raise NotImplementedError
+
+    def run(self, rows: list[Encoded]) -> list[dict]:
+        raise NotImplementedError
+
+    def forward(self, rows: list[Encoded]) -> torch.Tensor:
+        """The model's main output tensor for `rows` (what the canary compares)."""
+        raise NotImplementedError
+
+    def synthetic(self, n: int, seed: int) -> list[Encoded]:
+        raise NotImplementedError
+
+    def null_outputs(self) -> dict:
+        """Output columns of a failed row: all null."""
+        return {name: None for name in self.output_schema.names}
+
+
+def context_length(model_config) -> int | None:
+    """The model's context: max_position_embeddings, or n_positions (GPT-2)."""
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN (a pandas null) or an empty string/bytes."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, (str, bytes)) and len(value) == 0
+
+
+def pad_ids(rows: list[list[int]], pad_id: int, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into (input_ids, attention_mask) [B, L]."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(length - len(r), length) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)

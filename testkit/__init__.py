@@ -1,0 +1,1 @@
+"""Test helpers: tiny real HF model folders, PEFT adapters and sample data."""

@@ -1,0 +1,88 @@
+"""The oracle: PEFT itself, one adapter at a time, each row alone (SPEC.md "Correctness")."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import transformers
+from peft import PeftModel
+
+AUTO = {"generate": "AutoModelForCausalLM", "classify": "AutoModelForSequenceClassification",
+        "embed": "AutoModel", "classify-image": "AutoModelForImageClassification"}
+ATOL = 1e-4
+
+
+@functools.lru_cache(maxsize=64)
+def oracle_model(model_dir: str, store: str | None, adapter: str | None, task: str):
+    """The bare base model, or PeftModel.from_pretrained(base, store/adapter), in eval mode."""
+    base = getattr(transformers, AUTO[task]).from_pretrained(model_dir).eval()
+    if not adapter:
+        return base
+    return PeftModel.from_pretrained(base, str(Path(store) / adapter)).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def processor(model_dir: str, task: str):
+    """The tokenizer or image processor of a model folder."""
+    if task == "classify-image":
+        return transformers.AutoImageProcessor.from_pretrained(model_dir)
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0.0, top_p=1.0, seed=None):
+    """(generated_text, num_generated_tokens, finish_reason) of one row, PEFT alone."""
+    tok, model = processor(model_dir, "generate"), oracle_model(model_dir, store, adapter, "generate")
+    enc = tok(prompt, return_tensors="pt")
+    kwargs = {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                             **kwargs)
+    new = out[0, enc.input_ids.shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    reason = "length"
+    for k, t in enumerate(new):
+        if t in eos:
+            new, reason = new[: k + 1], "stop"
+            break
+    return tok.decode(new, skip_special_tokens=True), len(new), reason
+
+
+def logits(model_dir, store, adapter, task, value) -> torch.Tensor:
+    """Classification logits (text or image) of one row, PEFT alone."""
+    model = oracle_model(model_dir, store, adapter, task)
+    if task == "classify-image":
+        from PIL import Image
+        import io
+
+        image = Image.open(io.BytesIO(value)).convert("RGB")
+        inputs = processor(model_dir, task)(images=[image], return_tensors="pt")
+    else:
+        inputs = processor(model_dir, task)(value, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits[0].float()
+
+
+def scores(model_dir, store, adapter, task, value) -> list[float]:
+    """Softmax scores of one row, PEFT alone."""
+    return torch.softmax(logits(model_dir, store, adapter, task, value), -1).tolist()
+
+
+def embedding(model_dir, store, adapter, text, normalize=False) -> list[float]:
+    """Mean-pooled last hidden state of one row, PEFT alone."""
+    model = oracle_model(model_dir, store, adapter, "embed")
+    inputs = processor(model_dir, "embed")(text, return_tensors="pt")
+    with torch.no_grad():
+        pooled = model(**inputs).last_hidden_state[0].mean(0)
+    return (torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).tolist()
+
+
+def assert_close(actual, expected, atol=ATOL, what=""):
+    """Max abs difference <= atol (SPEC.md: 1e-4 in float32)."""
+    diff = (torch.tensor(actual, dtype=torch.float64) - torch.tensor(expected, dtype=torch.float64)).abs().max().item()
+    assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol}"
