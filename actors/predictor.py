@@ -74,6 +74,23 @@ class Predictor:
         """Every adapter id of the store."""
         return list(self.runtime.adapter_ids)
 
+    def load_adapter(self, adapter_id: str) -> None:
+        """Register an adapter that was added to the store after start-up.
+
+        Raises:
+            KeyError: no adapter folder `adapter_id` inside the store.
+            ValueError: the adapter cannot be routed (the message says why).
+        """
+        self.runtime.add(adapter_id)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter; its rows get `unknown_adapter` afterwards.
+
+        Raises:
+            KeyError: not a loaded adapter.
+        """
+        self.runtime.remove(adapter_id)
+
     def __call__(self, batch: Any) -> Any:
         """Run one batch; returns the same format with the task's output columns and `error`.
 

@@ -45,6 +45,7 @@ class AdapterRuntime:
         self._pins: dict[int, int] = {}
         self.adapter_ids = store.ids()
         self._known = set(self.adapter_ids)
+        self._unbounded = capacity is None
         self.capacity = len(self.adapter_ids) if capacity is None else capacity
         self._free = list(range(self.capacity, 0, -1))  # slot 0 is "no adapter"
         self._validate_and_prepare()
@@ -122,6 +123,44 @@ class AdapterRuntime:
         for head in self._heads.values():
             head.assign(slot, None)
         return slot
+
+    def add(self, adapter_id: str) -> None:
+        """Validate and register an adapter that appeared in the store after start-up.
+
+        Raises:
+            KeyError: no such adapter folder in the store.
+            AdapterError: the adapter cannot be routed (the message names it).
+        """
+        with self._lock:
+            if adapter_id in self._known:
+                return
+            weights = self._read(adapter_id)
+            if self._unbounded and not self._free:
+                self.capacity += 1
+                self._free.append(self.capacity)
+                for layer in self._lowrank.values():
+                    layer.resize(self.capacity + 1, 1, False)
+            self._install_modules(weights)
+            if self._free:
+                self._load_into(self._free.pop(), weights)
+            self.adapter_ids.append(adapter_id)
+            self._known.add(adapter_id)
+
+    def remove(self, adapter_id: str) -> None:
+        """Forget an adapter (waiting for running calls that use it).
+
+        Raises:
+            KeyError: not a registered adapter.
+        """
+        with self._lock:
+            if adapter_id not in self._known:
+                raise KeyError(adapter_id)
+            self._known.discard(adapter_id)
+            self.adapter_ids.remove(adapter_id)
+            while adapter_id in self._loaded and self._pins.get(self._loaded[adapter_id]):
+                self._lock.wait()
+            if adapter_id in self._loaded:
+                self._free.append(self._unload(adapter_id))  # the slot stays for the next adapter
 
     def known(self, adapter_id: str) -> bool:
         """Whether `adapter_id` is an adapter of the store."""

@@ -130,3 +130,14 @@ def mobilevit(tmp_path_factory):
         "mv-b": _lora(r=4, lora_alpha=16, target_modules=["key", "query"], modules_to_save=["classifier"]),
     }
     return model, _build_store(model, root / "store", AutoModelForImageClassification, configs)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small real local Ray cluster for the whole test session (FACTS.md: ~3.5 s)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
