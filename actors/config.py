@@ -27,6 +27,7 @@ class PredictorConfig:
         max_loaded_adapters: adapters held in memory at once (None: all of the store).
         canary: run the start-up mixed-vs-alone check.
         max_batch_rows: rows per model call (larger batches are split).
+        num_threads: torch CPU threads (None: torch's default).
     """
 
     model: str
@@ -43,6 +44,7 @@ class PredictorConfig:
     max_loaded_adapters: int | None = None
     canary: bool = True
     max_batch_rows: int = 64
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -7,6 +7,8 @@ several (`adapter_ids`: one output row each), in shared model calls.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from actors.tasks import TASK_CLASSES, Encoded, RowError
 
 logger = logging.getLogger(__name__)
 ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
+# Options that only steer generation or batching: a `with_options` view can change them.
+SHAREABLE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "max_batch_rows")
 
 
 @dataclass
@@ -58,6 +62,8 @@ class Predictor:
     def __init__(self, model: str, adapters: str | None = None, task: str = "generate", **options: Any) -> None:
         started = time.perf_counter()
         self.config = PredictorConfig(model=model, adapters=adapters, task=task, **options)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         self.device = resolve_device(self.config.device)
         hf_model, processor = load_model(self.config, self.device)
         self.task = TASK_CLASSES[task](hf_model, processor, self.config)
@@ -90,6 +96,26 @@ class Predictor:
             KeyError: not a loaded adapter.
         """
         self.runtime.remove(adapter_id)
+
+    def with_options(self, **options: Any) -> Predictor:
+        """A Predictor sharing this one's model and adapters, with other generation options.
+
+        Serve uses it for requests whose top_p, seed or stop differ from the server's.
+
+        Args:
+            **options: new values among `SHAREABLE_OPTIONS` (validated like the constructor's).
+
+        Raises:
+            ValueError: an option that would need another model load, or a bad value.
+        """
+        fixed = sorted(set(options) - set(SHAREABLE_OPTIONS))
+        if fixed:
+            raise ValueError(f"options {fixed} change the loaded model; only {list(SHAREABLE_OPTIONS)} can vary")
+        view = copy.copy(self)
+        view.config = dataclasses.replace(self.config, **options)
+        view.task = copy.copy(self.task)
+        view.task.config = view.config
+        return view
 
     def __call__(self, batch: Any) -> Any:
         """Run one batch; returns the same format with the task's output columns and `error`.

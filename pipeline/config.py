@@ -1,0 +1,148 @@
+"""The batch job's settings: one dataclass, built from flags and an optional YAML file
+(flags win), validated before any model work."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.config import DEVICES, DTYPES, TASKS
+
+# Predictor options the job passes through, with their flag help.
+MODEL_OPTIONS = {
+    "device": ("auto", "auto (cuda if visible), cpu, cuda"),
+    "dtype": ("float32", "float32, bfloat16 or float16"),
+    "max_new_tokens": (64, "generate: new tokens per row (a `max_new_tokens` column overrides per row)"),
+    "temperature": (0.0, "generate: 0 = greedy (a `temperature` column overrides per row)"),
+    "top_p": (1.0, "generate: nucleus sampling"),
+    "seed": (None, "generate: seed of every row's sampler"),
+    "stop": ([], "generate: stop strings (repeat the flag for several)"),
+    "normalize": (False, "embed: unit-length embeddings"),
+    "max_loaded_adapters": (None, "adapters in memory at once per actor (default: all)"),
+    "max_batch_rows": (64, "rows per model call inside an actor"),
+    "canary": (True, "start-up check that mixed batches equal single-adapter runs"),
+}
+
+
+@dataclass
+class JobConfig:
+    """Everything the batch job needs.
+
+    Args:
+        model, adapters, task: the base model folder, the adapter store, the task.
+        input, output: Parquet file/folder (local or any pyarrow URI) and output folder.
+        batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor.
+        overwrite: replace the output folder's files instead of refusing a non-empty one.
+        options: Predictor options (MODEL_OPTIONS).
+    """
+
+    model: str
+    task: str
+    input: str
+    output: str
+    adapters: str | None = None
+    batch_size: int = 64
+    concurrency: int = 1
+    num_cpus: float | None = None
+    num_gpus: float = 0.0
+    overwrite: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, f"--task ({self.task!r}) must be one of {', '.join(TASKS)}")
+        _check(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
+        _check(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
+        _check(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
+        _check(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
+        _check(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
+        device = self.options.get("device", "auto")
+        _check(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
+
+    @property
+    def actor_cpus(self) -> float:
+        """CPUs per actor: as given, else 1 with a GPU and 1 on CPU (fractional via --num-cpus)."""
+        return self.num_cpus if self.num_cpus is not None else 1.0
+
+    def predictor_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `Predictor(...)` in each actor."""
+        threads = max(1, int(self.actor_cpus)) if self.num_gpus == 0 else None
+        return {"model": self.model, "adapters": self.adapters, "task": self.task, "num_threads": threads,
+                **self.options}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags; every default is None so that a YAML file can fill what is not given."""
+    p = argparse.ArgumentParser(prog="batch_infer.py", description="Switchyard batch inference: Parquet in, "
+                                "Parquet out, every row through its own PEFT adapter.")
+    p.add_argument("--config", help="YAML file with the same options (snake_case or kebab-case); flags win")
+    p.add_argument("--model", help="local Hugging Face model folder")
+    p.add_argument("--adapters", help="adapter store: a folder of PEFT adapter folders")
+    p.add_argument("--task", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--input", help="Parquet file or folder (local path, s3://, gs://, ...)")
+    p.add_argument("--output", help="output folder for Parquet files (local path, s3://, gs://, ...)")
+    p.add_argument("--batch-size", type=int, help="rows per actor call (default 64)")
+    p.add_argument("--concurrency", type=int, help="number of model actors (default 1)")
+    p.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1; fractions allowed)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
+    for name, (default, help_text) in MODEL_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "canary":
+            p.add_argument("--no-canary", dest="canary", action="store_false", default=None, help="skip the " + help_text)
+        elif isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif name == "stop":
+            p.add_argument(flag, action="append", help=help_text)
+        else:
+            p.add_argument(flag, type=_type_of(name), help=f"{help_text} (default {default})")
+    return p
+
+
+def _type_of(name: str):
+    """The argparse type of a model option."""
+    return {"max_new_tokens": int, "seed": int, "max_loaded_adapters": int, "max_batch_rows": int,
+            "temperature": float, "top_p": float}.get(name, str)
+
+
+def config_from_args(argv: list[str] | None = None) -> JobConfig:
+    """Parse flags, merge them over the YAML file, and build a validated JobConfig.
+
+    Raises:
+        ValueError: a missing required option, an unreadable config file, or a bad value.
+    """
+    args = vars(build_parser().parse_args(argv))
+    values = _read_yaml(args.pop("config"))
+    values.update({k: v for k, v in args.items() if v is not None})
+    missing = [f"--{k}" for k in ("model", "task", "input", "output") if not values.get(k)]
+    if missing:
+        raise ValueError(f"missing required option(s): {', '.join(missing)}")
+    job_fields = {f.name for f in dataclasses.fields(JobConfig)} - {"options"}
+    unknown = sorted(set(values) - job_fields - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) in the config file: {', '.join(unknown)}")
+    options = {k: v for k, v in values.items() if k in MODEL_OPTIONS}
+    return JobConfig(**{k: v for k, v in values.items() if k in job_fields}, options=options)
+
+
+def _read_yaml(path: str | None) -> dict[str, Any]:
+    """The YAML config file as a dict with snake_case keys ({} without a file)."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config file {path!r}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of options")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _check(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless `ok`."""
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,110 @@
+"""The batch job: validate up front, then read -> infer -> write on Ray Data, then a summary."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pipeline.config import JobConfig
+from pipeline.read import open_input, read_input
+from pipeline.validate import validate_job
+from pipeline.write import prepare_output, write_output
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Summary:
+    """What the job did, from the input's metadata and the output read back."""
+
+    rows_in: int
+    rows_out: int = 0
+    seconds: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    per_adapter: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        """The human-readable summary the job prints at the end."""
+        rate = self.rows_out / self.seconds if self.seconds else 0.0
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
+        adapters = ", ".join(f"{k} {v}" for k, v in sorted(self.per_adapter.items()))
+        return [
+            f"rows in: {self.rows_in}",
+            f"rows out: {self.rows_out}",
+            f"rows with errors: {sum(self.errors.values())} ({errors})",
+            f"rows per adapter: {adapters}",
+            f"wall time: {self.seconds:.1f} s",
+            f"rows/s: {rate:.1f}",
+        ]
+
+
+def run(config: JobConfig) -> Summary:
+    """Run the whole job; raises ValueError (before any model work) for up-front problems."""
+    input_data = open_input(config.input)
+    validate_job(config, input_data.schema)
+    prepare_output(config.output, config.overwrite)
+    started = time.perf_counter()
+    init_ray()
+    dataset = read_input(config.input, len(input_data.files), min_blocks=2 * config.concurrency)
+    from pipeline.infer import infer
+
+    write_output(infer(dataset, config), config.output)
+    summary = summarize(config.output, input_data.count_rows())
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def init_ray() -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS) or a running one, else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    _progress_bars()
+
+
+def _progress_bars() -> None:
+    """Ray Data's progress bars on a terminal, none in CI logs."""
+    import ray
+
+    quiet = os.environ.get("CI") or os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") or not sys.stderr.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+
+
+def summarize(output: str, rows_in: int) -> Summary:
+    """Counts read back from the output's `adapter_id` and `error` columns only."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(output, format="parquet").to_table(columns=["adapter_id", "error"])
+    summary = Summary(rows_in=rows_in, rows_out=table.num_rows)
+    kinds = collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e is not None)
+    summary.errors = dict(kinds)
+    summary.per_adapter = dict(collections.Counter(a or "(base)" for a in table.column("adapter_id").to_pylist()))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 with one line for up-front errors."""
+    from pipeline.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(argv)
+        summary = run(config)
+    except ValueError as e:
+        print(f"batch_infer: error: {e}", file=sys.stderr)
+        return 2
+    print("Switchyard batch job done: " + config.output)
+    for line in summary.lines():
+        print("  " + line)
+    return 0
