@@ -134,10 +134,18 @@ def mobilevit(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One small real local Ray cluster for the whole test session (FACTS.md: ~3.5 s)."""
+    """One small real local Ray cluster for the whole test session, with its dashboard (the
+    job API of `ray job submit`) on a free loopback port; `ray.dashboard_url` names it."""
+    import socket
+
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, log_to_driver=False,
+                       runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.dashboard_url = "http://" + context.dashboard_url
     yield ray
     ray.shutdown()
