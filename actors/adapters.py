@@ -275,7 +275,8 @@ def _check_base_copy(tensors: dict, name: str, module: nn.Module, adapter_id: st
     """PEFT saves a copy of the base weights of targeted embeddings (and a tied lm_head);
     it must equal the shared base."""
     copy = tensors.pop(f"{PREFIX}{name}.base_layer.weight", None)
-    if copy is not None and (copy.shape != module.weight.shape or not torch.equal(copy, module.weight.float().cpu())):
+    weight = module.weight.detach().cpu()
+    if copy is not None and (copy.shape != weight.shape or not torch.equal(copy.to(weight.dtype), weight)):
         raise AdapterError(f"adapter {adapter_id!r} carries its own base weights for {name} (e.g. a resized "
                            "vocabulary); Switchyard shares one base model between adapters and cannot route it")
 

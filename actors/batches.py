@@ -6,6 +6,7 @@ Rows are read as Python values; pass-through columns are carried by the format's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,9 @@ def to_columns(batch: Any) -> tuple[str, dict[str, list], int]:
     if isinstance(batch, pa.Table):
         return "pyarrow", batch.to_pydict(), batch.num_rows
     if _is_pandas(batch):
-        return "pandas", {c: batch[c].tolist() for c in batch.columns}, len(batch)
+        return "pandas", {c: [_cell(v) for v in batch[c].tolist()] for c in batch.columns}, len(batch)
     if isinstance(batch, dict):
-        columns = {c: [_python(v) for v in a] for c, a in batch.items()}
+        columns = {c: [_cell(v) for v in a] for c, a in batch.items()}
         sizes = {len(v) for v in columns.values()}
         if len(sizes) > 1:
             raise ValueError(f"batch columns have different lengths: {sorted(sizes)}")
@@ -67,6 +68,15 @@ def _python(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _cell(value: Any) -> Any:
+    """One input cell as a plain Python value; pandas' missing markers (NaN, pd.NA, NaT: what
+    pandas holds for a null string, number or list) become None, as pyarrow's nulls do."""
+    value = _python(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return None if type(value).__name__ in ("NAType", "NaTType") else value
 
 
 def _pandas_type(arrow_type: pa.DataType):

@@ -69,13 +69,19 @@ class PredictorConfig:
 
 
 def check_model_dir(model: str) -> None:
-    """Refuse a model folder without a readable config.json (cheap: no heavy imports)."""
+    """Refuse a model folder without a readable config.json, or with pickle weights only (cheap: no
+    heavy imports)."""
     config = Path(model) / "config.json"
     try:
         json.loads(config.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"model folder {model!r} has no readable config.json ({e}); pass --model a local "
                          "Hugging Face model folder") from e
+    folder = Path(model)
+    pickles = sorted(p.name for p in folder.glob("*.bin")) if not any(folder.glob("*.safetensors")) else []
+    if pickles:
+        raise ValueError(f"model folder {model!r} has only pickle weights ({pickles[0]}); Switchyard loads "
+                         "safetensors only: re-save it with save_pretrained(safe_serialization=True)")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -254,7 +254,8 @@ def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.
     auto = getattr(transformers, task_class.auto_class)
     processor_class = transformers.AutoImageProcessor if config.task == "classify-image" else transformers.AutoTokenizer
     try:
-        model = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True)
+        model = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True,
+                                     use_safetensors=True)
         processor = processor_class.from_pretrained(config.model, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load model folder {config.model!r} as {task_class.auto_class} for task "

@@ -4,6 +4,7 @@ model's AutoImageProcessor."""
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import torch
@@ -32,7 +33,8 @@ class ClassifyImageTask(Task):
         try:
             image = Image.open(io.BytesIO(bytes(value)))
             image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+                struct.error) as e:  # what PIL's decoders raise for malformed or oversized files
             raise RowError("bad_image", f"cannot decode image: {e}") from e
         return Encoded(image, params)
 

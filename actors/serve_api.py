@@ -1,0 +1,326 @@
+"""The HTTP side of the Serve deployment, without Ray: OpenAI-shaped request bodies, their
+translation into Predictor rows, responses and errors.
+
+No `from __future__ import annotations` here: pydantic and FastAPI resolve these
+annotations at run time (FACTS.md: a FastAPI module with it answered 422 to every POST).
+"""
+
+import base64
+import binascii
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+MAX_BODY_BYTES = 10 * 1024 * 1024  # SPEC.md "Security": bodies over 10 MiB get 413
+Number = StrictInt | StrictFloat
+ROW_STATUS = {"unknown_adapter": 404, "empty_input": 400, "too_long": 400, "bad_image": 400, "bad_parameter": 400,
+              "internal": 500}
+ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+               500: "server_error", 503: "server_error"}
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape `{"error": {"message", "type", "code"}}`.
+
+    Args:
+        status: HTTP status.
+        message: what went wrong and what to do about it.
+        code: a short machine-readable code (e.g. `model_not_found`, `too_long`).
+    """
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+    def response(self) -> JSONResponse:
+        """The error as a JSON response (503 asks the client to retry after a second)."""
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(error_body(self.status, self.message, self.code), status_code=self.status, headers=headers)
+
+
+def error_body(status: int, message: str, code: str) -> dict:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "code": code}}
+
+
+# ---------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    """Every body names a model (an adapter id or the base model's name); unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr = Field(min_length=1)
+
+
+class CompletionBody(_Body):
+    """POST /v1/completions. OpenAI fields Switchyard cannot honour are accepted only at
+    their defaults (see `unsupported`)."""
+
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt = 1
+    best_of: StrictInt | None = None
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: dict | None = None
+    suffix: StrictStr | None = None
+    presence_penalty: Number = 0
+    frequency_penalty: Number = 0
+    logit_bias: dict | None = None
+    user: StrictStr | None = None
+
+
+class EmbeddingBody(_Body):
+    """POST /v1/embeddings (the openai client asks for base64 unless told otherwise)."""
+
+    input: StrictStr | list[StrictStr]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+
+
+class ClassifyBody(_Body):
+    """POST /v1/classify: texts (`input`) or base64-encoded PNG/JPEG images (`images`)."""
+
+    input: StrictStr | list[StrictStr] | None = None
+    images: list[StrictStr] | None = None
+
+
+class LoadAdapterBody(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: StrictStr
+    lora_path: StrictStr | None = None
+    load_inplace: StrictBool = False
+
+
+class UnloadAdapterBody(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body; `lora_int_id` is accepted and ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: StrictStr
+    lora_int_id: StrictInt | None = None
+
+
+async def read_json(request: Any, limit: int = MAX_BODY_BYTES) -> dict:
+    """The request's JSON object, refusing bodies over `limit` bytes before parsing them.
+
+    Raises:
+        ApiError: 413 for a body over the limit (by Content-Length or by its actual size),
+            400 for a body that is not a JSON object.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise _too_large(limit) if declared.isdigit() else ApiError(400, "bad Content-Length header", "bad_request")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from e
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", "invalid_body")
+    return data
+
+
+def _too_large(limit: int) -> ApiError:
+    """413 for a body over `limit` bytes."""
+    return ApiError(413, f"the request body is over {limit} bytes; send fewer or smaller inputs per request",
+                    "request_too_large")
+
+
+def parse_body(schema: type[BaseModel], data: dict) -> Any:
+    """`data` validated as `schema`; a 400 names the first problems.
+
+    Raises:
+        ApiError: 400 with the offending fields.
+    """
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors()[:3]]
+        raise ApiError(400, "invalid request body: " + "; ".join(problems), "invalid_body") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Bodies into rows
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """One request's rows on their way through a coalesced batch.
+
+    `adapter` is None for the base model; `params` holds per-row columns (None = the
+    server's default); `options` are `Predictor.with_options` overrides ({} = the server's).
+    """
+
+    adapter: str | None
+    inputs: list
+    params: dict[str, list] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options_key(self) -> tuple:
+        """Hashable form of `options`: requests with equal keys share one Predictor call."""
+        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options.items()))
+
+
+def unsupported(body: CompletionBody) -> list[str]:
+    """The OpenAI completion fields set to values Switchyard does not implement."""
+    problems = {
+        "stream": body.stream, "n": body.n != 1, "best_of": body.best_of not in (None, 1), "echo": body.echo,
+        "logprobs": body.logprobs is not None, "suffix": body.suffix is not None,
+        "presence_penalty": body.presence_penalty != 0, "frequency_penalty": body.frequency_penalty != 0,
+        "logit_bias": bool(body.logit_bias), "stream_options": body.stream_options is not None,
+    }
+    return [name for name, bad in problems.items() if bad]
+
+
+def completion_work(body: CompletionBody, adapter: str | None, defaults: Any) -> Work:
+    """Rows of a completion request; `defaults` is the server's PredictorConfig.
+
+    Raises:
+        ApiError: 400 for unsupported fields, an empty prompt list or empty stop strings.
+    """
+    bad = unsupported(body)
+    if bad:
+        raise ApiError(400, f"unsupported field(s) {bad}: Switchyard returns one non-streamed choice per prompt, "
+                       "without logprobs, penalties or logit_bias; leave them at their defaults", "unsupported")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise ApiError(400, "prompt is an empty list; send at least one prompt", "empty_input")
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and not all(stop):
+        raise ApiError(400, f"stop ({stop!r}) must hold non-empty strings", "bad_parameter")
+    wanted = {"top_p": body.top_p, "seed": body.seed, "stop": stop}
+    options = {k: v for k, v in wanted.items() if v is not None and v != getattr(defaults, k)}
+    n = len(prompts)
+    params = {"max_new_tokens": [body.max_tokens] * n,
+              "temperature": [None if body.temperature is None else float(body.temperature)] * n}
+    return Work(adapter, prompts, params, options)
+
+
+def text_work(body: EmbeddingBody | ClassifyBody, adapter: str | None) -> Work:
+    """Rows of an embedding or text classification request.
+
+    Raises:
+        ApiError: 400 for a missing or empty input, or unsupported `dimensions`.
+    """
+    if getattr(body, "dimensions", None) is not None:
+        raise ApiError(400, "dimensions is not supported: embeddings have the model's hidden size", "unsupported")
+    if getattr(body, "images", None) is not None:
+        raise ApiError(400, "this deployment classifies text: send `input`, not `images`", "invalid_body")
+    if body.input is None:
+        raise ApiError(400, "input is missing: send a string or a list of strings", "invalid_body")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise ApiError(400, "input is an empty list; send at least one text", "empty_input")
+    return Work(adapter, texts)
+
+
+def image_work(body: ClassifyBody, adapter: str | None) -> Work:
+    """Rows of an image classification request: each image decoded from base64 (a data URL
+    prefix is allowed).
+
+    Raises:
+        ApiError: 400 for text input, no images, or an image that is not base64.
+    """
+    if body.input is not None or not body.images:
+        raise ApiError(400, "this deployment classifies images: send `images`, a non-empty list of base64 "
+                       "PNG/JPEG strings", "invalid_body")
+    images = []
+    for i, text in enumerate(body.images):
+        try:
+            images.append(base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"images[{i}] is not valid base64: {e}", "bad_image") from e
+    return Work(adapter, images)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows into responses
+# ---------------------------------------------------------------------------------------
+
+
+def row_error(rows: list[dict], what: str) -> ApiError | None:
+    """The request's error when any of its rows failed (the first one, with its index), else None."""
+    for i, row in enumerate(rows):
+        if row["error"]:
+            kind = row["error"].split(":", 1)[0]
+            status = ROW_STATUS.get(kind, 500)
+            where = f"{what}[{i}]: " if len(rows) > 1 else ""
+            return ApiError(status, where + row["error"], "model_not_found" if kind == "unknown_adapter" else kind)
+    return None
+
+
+def completion_response(model: str, rows: list[dict]) -> dict:
+    """OpenAI's text_completion object."""
+    prompt_tokens = sum(r["num_input_tokens"] for r in rows)
+    completion_tokens = sum(r["num_generated_tokens"] for r in rows)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": r["generated_text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                    for i, r in enumerate(rows)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def embedding_response(model: str, rows: list[dict], encoding_format: str) -> dict:
+    """OpenAI's embedding list; base64 is little-endian float32, as OpenAI sends it."""
+    def encode(vector: list[float]) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        return vector
+
+    tokens = sum(r["num_input_tokens"] for r in rows)
+    return {
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": i, "embedding": encode(r["embedding"])} for i, r in enumerate(rows)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def classify_response(model: str, rows: list[dict]) -> dict:
+    """Switchyard's classification list (SPEC.md "Online")."""
+    return {
+        "object": "list", "model": model,
+        "data": [{"index": i, "label": r["label"], "label_id": r["label_id"], "scores": r["scores"]}
+                 for i, r in enumerate(rows)],
+    }
+
+
+def models_response(base: str, adapters: list[str], created: int) -> dict:
+    """OpenAI's model list: the base model, then every adapter (its `parent` is the base)."""
+    entries = [{"id": base, "object": "model", "created": created, "owned_by": "switchyard", "root": base,
+                "parent": None}]
+    entries += [{"id": a, "object": "model", "created": created, "owned_by": "switchyard", "root": base,
+                 "parent": base} for a in adapters]
+    return {"object": "list", "data": entries}
+
+
+def base_model_name(model_dir: str) -> str:
+    """The base model's name in requests: its folder's name."""
+    return Path(model_dir).resolve().name

@@ -1,0 +1,184 @@
+"""Settings of the Serve deployment, and how they arrive: `build_app(args)` (YAML values from
+`serve deploy`, strings from `serve run ... key=value`) and `jobs/serve.py`'s flags, both
+built from the fields of `PredictorConfig` and `ServeOptions`. No Ray, no torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from actors.config import DTYPES, TASKS, PredictorConfig
+
+PREDICTOR_FIELDS = {f.name for f in fields(PredictorConfig)}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass
+class ServeOptions:
+    """How the deployment serves: replicas, their resources, batching and admission.
+
+    Args:
+        num_replicas: replicas of the deployment (each holds the base model and every adapter).
+        num_cpus, num_gpus: resources per replica. On CPU, torch uses int(num_cpus) threads
+            (at least 1) unless `num_threads` is given.
+        max_batch_size: requests coalesced into one mixed batch (one Predictor call).
+        batch_wait_timeout_s: how long a batch waits for more requests after its first.
+        max_ongoing_requests: requests a replica admits at once (None: 4 x max_batch_size);
+            must be >= max_batch_size, or batches never fill.
+        max_queued_requests: requests Serve queues for busy replicas before answering 503
+            itself (-1: no limit).
+        max_pending_rows: inputs admitted into a replica and not yet answered; past it a
+            request gets 503 (OpenAI shape). A request with more inputs gets 400.
+        enable_adapter_management: serve /v1/load_lora_adapter and /v1/unload_lora_adapter.
+        access_log: Serve's one log line per request.
+    """
+
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int = -1
+    max_pending_rows: int = 1024
+    enable_adapter_management: bool = False
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_ongoing_requests is None:
+            self.max_ongoing_requests = 4 * self.max_batch_size
+        _check(self.num_replicas >= 1, f"num_replicas ({self.num_replicas!r}) must be >= 1")
+        _check(self.num_cpus >= 0 and self.num_gpus >= 0,
+               f"num_cpus ({self.num_cpus!r}) and num_gpus ({self.num_gpus!r}) must be >= 0")
+        _check(self.max_batch_size >= 1, f"max_batch_size ({self.max_batch_size!r}) must be >= 1")
+        _check(self.batch_wait_timeout_s >= 0, f"batch_wait_timeout_s ({self.batch_wait_timeout_s!r}) must be >= 0")
+        _check(self.max_ongoing_requests >= self.max_batch_size,
+               f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+               f"({self.max_batch_size}): a replica past it refuses requests and batches stay small")
+        _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+               f"max_queued_requests ({self.max_queued_requests!r}) must be -1 (no limit) or >= 1")
+        _check(self.max_pending_rows >= 1, f"max_pending_rows ({self.max_pending_rows!r}) must be >= 1")
+
+    def predictor_threads(self) -> int | None:
+        """Torch threads of a CPU replica: its whole CPUs, at least 1 (None with a GPU)."""
+        return max(1, int(self.num_cpus)) if self.num_gpus == 0 else None
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Deployment.options(...)`."""
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "logging_config": {"enable_access_log": self.access_log},
+        }
+
+
+SERVE_FIELDS = {f.name for f in fields(ServeOptions)}
+
+
+def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], ServeOptions]:
+    """(Predictor keyword arguments, ServeOptions) from an application's args.
+
+    Values may be strings (`serve run actors.serve:build_app key=value`): they are converted
+    to each field's type. The Predictor's arguments are validated here, before any replica
+    starts (PredictorConfig reads the model folder's config.json).
+
+    Raises:
+        ValueError: an unknown or missing argument, or a bad value (the message names it).
+    """
+    unknown = sorted(set(args) - PREDICTOR_FIELDS - SERVE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown}; valid: {sorted(PREDICTOR_FIELDS | SERVE_FIELDS)}")
+    if not args.get("model"):
+        raise ValueError("argument `model` (a local Hugging Face model folder) is required")
+    predictor = {k: _convert(PredictorConfig, k, v) for k, v in args.items() if k in PREDICTOR_FIELDS}
+    options = ServeOptions(**{k: _convert(ServeOptions, k, v) for k, v in args.items() if k in SERVE_FIELDS})
+    if "num_threads" in PREDICTOR_FIELDS and predictor.get("num_threads") is None and options.predictor_threads():
+        predictor["num_threads"] = options.predictor_threads()
+    PredictorConfig(**predictor)
+    return predictor, options
+
+
+def options_dict(options: ServeOptions) -> dict[str, Any]:
+    """ServeOptions as plain values (what travels to the replicas)."""
+    return asdict(options)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field types of a dataclass (its annotations are strings)."""
+    return typing.get_type_hints(cls)
+
+
+def _convert(cls: type, name: str, value: Any) -> Any:
+    """`value` as field `name`'s type when it arrives as a string; other values pass as given."""
+    if not isinstance(value, str):
+        return value
+    kind, optional = _base_type(_hints(cls)[name])
+    if optional and value.lower() in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            if value.lower() not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            return value.lower() in _TRUE
+        if kind is list:
+            return json.loads(value) if value.startswith("[") else [value]
+        return kind(value)
+    except ValueError as e:
+        raise ValueError(f"argument {name} ({value!r}) is not a valid {kind.__name__}: {e}") from e
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(the plain type, whether None is allowed) of a field type like `int | None` or `list[str]`."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        kinds = [a for a in args if a is not type(None)]
+        return _base_type(kinds[0])[0], True
+    return (typing.get_origin(hint) or hint), False
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    """One flag per field of dataclass `cls` (kebab-case), default None (= the field's default),
+    its help taken from the class docstring's Args section."""
+    hints, docs = _hints(cls), _field_docs(cls)
+    choices = {"task": TASKS, "dtype": DTYPES}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                              else None)
+        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, action="append", help=help_text.replace("(default", "(repeat for several; default"))
+        else:
+            parser.add_argument(flag, type=kind, choices=choices.get(f.name), default=None, help=help_text)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the docstring's Args section ("a, b: text" documents both)."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^\s{8}([a-z_][a-z_, ]*): (.*)$", line)
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            docs.update({n: match.group(2) for n in names})
+        elif line.startswith(" " * 12) and names:
+            docs.update({n: docs[n] + " " + line.strip() for n in names})
+    return docs
+
+
+def _check(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless `ok`."""
+    if not ok:
+        raise ValueError(message)
