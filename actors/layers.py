@@ -120,21 +120,23 @@ class _LowRankBase(nn.Module):
         return route is not None and not self.used.isdisjoint(route.distinct)
 
     def _add_delta(self, out: torch.Tensor, h: torch.Tensor, route: Route) -> torch.Tensor:
-        """out + h @ B[slot] (+ bias[slot]) per row; h [N, T, r] for N leading rows."""
+        """out += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r] for N leading rows.
+
+        `out` is the base layer's fresh output, so accumulating into it saves a copy."""
+        out = out if out.is_contiguous() else out.contiguous()
         n = out.shape[0]
-        out3 = out.reshape(n, -1, self.d_out)  # [N, T, out]
+        out3 = out.view(n, -1, self.d_out)  # [N, T, out]
         if route.uniform is not None:
             s = route.uniform
-            result = torch.addmm(out3.reshape(-1, self.d_out), h.reshape(-1, self.rank), self.B[s])
-            result = result.view_as(out3)
+            out3.view(-1, self.d_out).addmm_(h.reshape(-1, self.rank), self.B[s])
             if self.bias is not None:
-                result = result + self.bias[s]
+                out3 += self.bias[s]
         else:
             idx = route.rows(n)
-            result = torch.baddbmm(out3, h, self.B.index_select(0, idx))
+            out3.baddbmm_(h, self.B.index_select(0, idx))
             if self.bias is not None:
-                result = result + self.bias.index_select(0, idx)[:, None, :]
-        return result.view(out.shape)
+                out3 += self.bias.index_select(0, idx)[:, None, :]
+        return out
 
 
 class LowRankLinear(_LowRankBase):
