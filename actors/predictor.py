@@ -39,9 +39,9 @@ class _Row:
     error: str | None = None
 
     @property
-    def adapter_key(self) -> str | None:
-        """The adapter to route through, None for base rows."""
-        return self.adapter or None
+    def adapter_key(self) -> Any:
+        """The adapter to route through, None for base rows (null or empty id)."""
+        return None if self.adapter is None or self.adapter == "" else self.adapter
 
 
 class Predictor:
@@ -141,7 +141,7 @@ class Predictor:
     def _expand(self, columns: dict, n: int) -> list[_Row]:
         """One _Row per input row, or per named adapter of a fan-out row."""
         if ADAPTER_IDS in columns:
-            return [_Row(i, a) for i, ids in enumerate(columns[ADAPTER_IDS]) for a in (list(ids or ()) or [None])]
+            return [_Row(i, a) for i, ids in enumerate(columns[ADAPTER_IDS]) for a in (_named(ids, i) or [None])]
         adapters = columns.get(ADAPTER_ID, [None] * n)
         return [_Row(i, adapters[i]) for i in range(n)]
 
@@ -156,6 +156,9 @@ class Predictor:
                 row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
             except RowError as e:
                 row.error = str(e)
+            except Exception as e:  # noqa: BLE001 - an unexpected encoding failure fails its row only
+                _reraise_fatal(e)
+                row.error = f"internal: {type(e).__name__}: {e}"
 
     def _known(self, adapter: Any) -> bool:
         """Whether `adapter` names an adapter of the store."""
@@ -198,11 +201,21 @@ class Predictor:
         nulls = self.task.null_outputs()
         outputs = {name: [] for name in schema.names}
         for row in rows:
-            values = {**nulls, **(row.outputs or {}), ADAPTER_ID: row.adapter, ERROR: row.error}
+            adapter = row.adapter if row.adapter is None or isinstance(row.adapter, str) else str(row.adapter)
+            values = {**nulls, **(row.outputs or {}), ADAPTER_ID: adapter, ERROR: row.error}
             for name in schema.names:
                 outputs[name].append(values[name])
-        drop = {ADAPTER_IDS, "image"}
+        drop = {ADAPTER_IDS, "image"} if self.task.input_column == "image" else {ADAPTER_IDS}  # bytes stay behind
         return from_columns(batch, fmt, [r.source for r in rows], drop, outputs, schema)
+
+
+def _named(ids: Any, row: int) -> list:
+    """The adapters one `adapter_ids` cell names (null: none). A bare string would fan out
+    into one row per character, so it is a malformed batch."""
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{ADAPTER_IDS!r} must hold lists of adapter ids, but row {row} holds the string {ids!r}; "
+                         f"use {ADAPTER_ID!r} for one adapter per row")
+    return list(ids or ())
 
 
 def _length(row: _Row) -> int:

@@ -47,6 +47,11 @@ class AdapterStore:
                     f"adapter store {str(self.root)!r}: folder name {entry.name!r} is not a valid adapter id "
                     f"(pattern {ADAPTER_ID_PATTERN.pattern}); rename it"
                 )
+            if entry.resolve().parent != self.root.resolve():  # path() would refuse it: say so up front
+                raise ValueError(
+                    f"adapter store {str(self.root)!r}: sub-folder {entry.name!r} links outside the store (to "
+                    f"{str(entry.resolve())!r}); adapters are read only from inside the store: copy it in"
+                )
             if not (entry / CONFIG_FILE).is_file():
                 raise ValueError(
                     f"adapter store {str(self.root)!r}: sub-folder {entry.name!r} has no {CONFIG_FILE}; "

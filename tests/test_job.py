@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -164,9 +165,13 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, llama, job_input, tmp_
              "--input", str(job_input), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
              "--num-cpus", "0.5"]
     ray_cli = Path(sys.executable).with_name("ray")
-    result = subprocess.run([str(ray_cli), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
-                             str(ROOT), "--", *entry], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "RAY_AUTH_MODE": "token"})
+    for attempt in range(3):  # the head's job agent can take a few seconds to come up under load
+        result = subprocess.run([str(ray_cli), "job", "submit", "--address", ray_cluster.dashboard_url,
+                                 "--working-dir", str(ROOT), "--", *entry], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        if "No available agent" not in result.stdout + result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rows in: 2" in result.stdout and "rows out: 2" in result.stdout
     rows = _read(tmp_path / "out")
