@@ -7,7 +7,7 @@ keeps parsing requests (actors/serve_batching.py; Ray's `@serve.batch` with batc
     serve deploy deploy/serve_config.yaml
     python jobs/serve.py --model DIR --adapters DIR --task generate   # main, in actors/serve_options.py
 
-Endpoints (docs/serve.md): GET /v1/models, /v1/stats; POST /v1/completions (generate),
+Endpoints (README.md, "Online serving"): GET /v1/models, /v1/stats; POST /v1/completions (generate),
 /v1/embeddings (embed), /v1/classify (classify, classify-image), /v1/load_lora_adapter and
 /v1/unload_lora_adapter (with enable_adapter_management).
 

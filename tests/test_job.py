@@ -16,7 +16,7 @@ import pytest
 import oracle
 from pipeline.config import config_from_args
 from pipeline.job import run
-from testkit.data import SENTENCES
+from testkit.data import SENTENCES, jpeg_bytes, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,11 +48,12 @@ def test_generate_job_equals_oracle_with_errors_and_pass_through(ray_cluster, ll
         "id": list(range(len(adapters))), "prompt": prompts, "adapter_id": adapters,
         "score": [i / 3 for i in range(len(adapters))],
         "tags": pa.array([[i, i + 1] for i in range(len(adapters))], type=pa.list_(pa.int32())),
-        "max_new_tokens": pa.array([3 if i % 4 == 0 else None for i in range(len(adapters))], type=pa.int64()),
+        "max_new_tokens": pa.array([3 if i % 4 == 0 else 0 if i == 10 else None for i in range(len(adapters))],
+                                   type=pa.int64()),  # row 10: bad_parameter
     })
     rows = _job(tmp_path, model, store, "generate", table, "--max-new-tokens", "4")
     assert len(rows) == len(adapters)
-    expected_errors = {3: "empty_input:", 5: "unknown_adapter:", 8: "too_long:"}
+    expected_errors = {3: "empty_input:", 5: "unknown_adapter:", 8: "too_long:", 10: "bad_parameter:"}
     for row in rows:
         i = row["id"]
         assert row["adapter_id"] == adapters[i] and row["prompt"] == prompts[i]  # pass-through unchanged
@@ -85,6 +86,20 @@ def test_fan_out_job_row_counts_and_oracle(ray_cluster, bert, tmp_path):
         expected = oracle.scores(model, store, row["adapter_id"], "classify", texts[row["id"]])
         oracle.assert_close(row["scores"], expected, what=str(row))
     assert "adapter_ids" not in rows[0]
+
+
+def test_image_job_equals_oracle_with_bad_images(ray_cluster, vit, tmp_path):
+    model, store = vit
+    images = [png_bytes(1), jpeg_bytes(2, (48, 20)), b"\x89PNG not really", None, png_bytes(5), png_bytes(6)]
+    adapters = ["vit-a", "vit-b", "vit-a", "vit-b", None, "vit-a"]
+    table = pa.table({"id": list(range(6)), "image": pa.array(images, type=pa.binary()), "adapter_id": adapters})
+    rows = _job(tmp_path, model, store, "classify-image", table)
+    assert len(rows) == 6 and "image" not in rows[0]
+    assert rows[2]["error"].startswith("bad_image:") and rows[2]["scores"] is None
+    assert rows[3]["error"].startswith("empty_input:") and rows[3]["label"] is None
+    for row in (r for r in rows if r["id"] not in (2, 3)):
+        expected = oracle.scores(model, store, row["adapter_id"], "classify-image", images[row["id"]])
+        oracle.assert_close(row["scores"], expected, what=str(row["adapter_id"]))
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
