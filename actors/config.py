@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 TASKS = ("generate", "classify", "embed", "classify-image")
+INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,18 +49,18 @@ class PredictorConfig:
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        _check(self.task in TASKS, f"task ({self.task!r}) must be one of {', '.join(TASKS)}")
-        _check(self.dtype in DTYPES, f"dtype ({self.dtype!r}) must be one of {', '.join(DTYPES)}")
-        _check(self.device in DEVICES or str(self.device).startswith("cuda:"),
+        require(self.task in TASKS, f"task ({self.task!r}) must be one of {', '.join(TASKS)}")
+        require(self.dtype in DTYPES, f"dtype ({self.dtype!r}) must be one of {', '.join(DTYPES)}")
+        require(self.device in DEVICES or str(self.device).startswith("cuda:"),
                f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+        require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                f"max_new_tokens ({self.max_new_tokens!r}) must be an integer >= 1")
-        _check(self.temperature >= 0, f"temperature ({self.temperature!r}) must be >= 0")
-        _check(0 < self.top_p <= 1, f"top_p ({self.top_p!r}) must be in (0, 1]")
-        _check(self.max_loaded_adapters is None or self.max_loaded_adapters >= 1,
+        require(self.temperature >= 0, f"temperature ({self.temperature!r}) must be >= 0")
+        require(0 < self.top_p <= 1, f"top_p ({self.top_p!r}) must be in (0, 1]")
+        require(self.max_loaded_adapters is None or self.max_loaded_adapters >= 1,
                f"max_loaded_adapters ({self.max_loaded_adapters!r}) must be >= 1")
-        _check(self.max_batch_rows >= 1, f"max_batch_rows ({self.max_batch_rows!r}) must be >= 1")
-        _check(all(isinstance(s, str) and s for s in self.stop), f"stop ({self.stop!r}) must be non-empty strings")
+        require(self.max_batch_rows >= 1, f"max_batch_rows ({self.max_batch_rows!r}) must be >= 1")
+        require(all(isinstance(s, str) and s for s in self.stop), f"stop ({self.stop!r}) must be non-empty strings")
         check_model_dir(self.model)
 
     @classmethod
@@ -84,7 +85,7 @@ def check_model_dir(model: str) -> None:
                          "safetensors only: re-save it with save_pretrained(safe_serialization=True)")
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     """Raise ValueError(message) unless `ok`."""
     if not ok:
         raise ValueError(message)

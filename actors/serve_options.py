@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from actors.config import DTYPES, TASKS, PredictorConfig
+from actors.config import DTYPES, TASKS, PredictorConfig, require
 from actors.store import AdapterStore
 
 logger = logging.getLogger(__name__)
@@ -69,18 +69,18 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.max_ongoing_requests is None:
             self.max_ongoing_requests = 4 * self.max_batch_size
-        _check(self.num_replicas >= 1, f"num_replicas ({self.num_replicas!r}) must be >= 1")
-        _check(self.num_cpus >= 0 and self.num_gpus >= 0,
+        require(self.num_replicas >= 1, f"num_replicas ({self.num_replicas!r}) must be >= 1")
+        require(self.num_cpus >= 0 and self.num_gpus >= 0,
                f"num_cpus ({self.num_cpus!r}) and num_gpus ({self.num_gpus!r}) must be >= 0")
-        _check(self.max_batch_size >= 1, f"max_batch_size ({self.max_batch_size!r}) must be >= 1")
-        _check(self.batch_wait_timeout_s >= 0, f"batch_wait_timeout_s ({self.batch_wait_timeout_s!r}) must be >= 0")
-        _check(self.batcher in BATCHERS, f"batcher ({self.batcher!r}) must be one of {', '.join(BATCHERS)}")
-        _check(self.max_ongoing_requests >= self.max_batch_size,
+        require(self.max_batch_size >= 1, f"max_batch_size ({self.max_batch_size!r}) must be >= 1")
+        require(self.batch_wait_timeout_s >= 0, f"batch_wait_timeout_s ({self.batch_wait_timeout_s!r}) must be >= 0")
+        require(self.batcher in BATCHERS, f"batcher ({self.batcher!r}) must be one of {', '.join(BATCHERS)}")
+        require(self.max_ongoing_requests >= self.max_batch_size,
                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                f"({self.max_batch_size}): a replica past it refuses requests and batches stay small")
-        _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+        require(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
                f"max_queued_requests ({self.max_queued_requests!r}) must be -1 (no limit) or >= 1")
-        _check(self.max_pending_rows >= 1, f"max_pending_rows ({self.max_pending_rows!r}) must be >= 1")
+        require(self.max_pending_rows >= 1, f"max_pending_rows ({self.max_pending_rows!r}) must be >= 1")
 
     def predictor_threads(self) -> int | None:
         """Torch threads of a CPU replica: its whole CPUs, at least 1 (None with a GPU)."""
@@ -197,11 +197,6 @@ def _field_docs(cls: type) -> dict[str, str]:
             docs.update({n: docs[n] + " " + line.strip() for n in names})
     return docs
 
-
-def _check(ok: bool, message: str) -> None:
-    """Raise ValueError(message) unless `ok`."""
-    if not ok:
-        raise ValueError(message)
 
 
 # ---------------------------------------------------------------------------------------

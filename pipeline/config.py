@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import DEVICES, DTYPES, TASKS
+from actors.config import DEVICES, DTYPES, TASKS, require
 
 # Predictor options the job passes through, with their flag help.
 MODEL_OPTIONS = {
@@ -52,14 +52,14 @@ class JobConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(self.task in TASKS, f"--task ({self.task!r}) must be one of {', '.join(TASKS)}")
-        _check(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
-        _check(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
-        _check(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
-        _check(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
-        _check(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
+        require(self.task in TASKS, f"--task ({self.task!r}) must be one of {', '.join(TASKS)}")
+        require(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
+        require(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
+        require(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
+        require(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
+        require(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         device = self.options.get("device", "auto")
-        _check(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
+        require(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
 
     @property
     def actor_cpus(self) -> float:
@@ -140,9 +140,3 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of options")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _check(ok: bool, message: str) -> None:
-    """Raise ValueError(message) unless `ok`."""
-    if not ok:
-        raise ValueError(message)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from actors.config import check_model_dir
+from actors.config import INPUT_COLUMNS, check_model_dir
 from actors.store import AdapterStore
 from pipeline.config import JobConfig
-
-INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
 
 
 def required_columns(task: str) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList, TopPLogitsWarper
 
+from actors.config import INPUT_COLUMNS
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -31,7 +32,7 @@ class GenerateTask(TextTask):
     """Causal LM generation with `max_new_tokens` and `temperature` overridable per row."""
 
     name = "generate"
-    input_column = "prompt"
+    input_column = INPUT_COLUMNS["generate"]
     auto_class = "AutoModelForCausalLM"
     output_schema = GENERATE_SCHEMA
     row_parameters = ("max_new_tokens", "temperature")

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from actors.config import INPUT_COLUMNS
 from actors.tasks.base import Encoded, RowError, Task, is_missing
 from actors.tasks.text import CLASSIFY_SCHEMA, label_rows
 
@@ -17,7 +18,7 @@ class ClassifyImageTask(Task):
     """label, label_id, softmax scores per image."""
 
     name = "classify-image"
-    input_column = "image"
+    input_column = INPUT_COLUMNS["classify-image"]
     auto_class = "AutoModelForImageClassification"
     output_schema = CLASSIFY_SCHEMA
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from actors.config import INPUT_COLUMNS
 from actors.tasks.base import Encoded, RowError, Task, context_length, is_missing, pad_ids
 
 CLASSIFY_SCHEMA = pa.schema([("label", pa.string()), ("label_id", pa.int64()), ("scores", pa.list_(pa.float32()))])
@@ -16,7 +17,7 @@ CLASSIFY_SCHEMA = pa.schema([("label", pa.string()), ("label_id", pa.int64()), (
 class TextTask(Task):
     """Tokenizes `text` with the tokenizer's defaults and refuses inputs over the context."""
 
-    input_column = "text"
+    input_column = INPUT_COLUMNS["classify"]  # embed reads the same column
     left_padding = False  # right padding keeps position ids equal to an unpadded row's
 
     def __init__(self, model, processor, config) -> None:
