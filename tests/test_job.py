@@ -186,6 +186,7 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, llama, job_input, tmp_
                                 timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
         if "No available agent" not in result.stdout + result.stderr:
             break
+        _skip_if_agent_port_taken(ray_cluster)
         time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rows in: 2" in result.stdout and "rows out: 2" in result.stdout
@@ -193,3 +194,11 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, llama, job_input, tmp_
     for row in rows:
         assert (row["generated_text"], row["num_generated_tokens"], row["finish_reason"]) == \
             oracle.generate(model, store, row["adapter_id"], row["prompt"], 3)
+
+
+def _skip_if_agent_port_taken(ray) -> None:
+    """Another Ray cluster on this machine can hold the dashboard agent's fixed port (52365),
+    which `ray.init` cannot move; then this cluster has no job agent at all."""
+    log = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "dashboard_agent.log"
+    if log.exists() and "failed to bind" in log.read_text():
+        pytest.skip("another Ray cluster on this machine holds the dashboard agent port; no job agent here")
