@@ -66,7 +66,8 @@ def show(output: Path) -> None:
 
     table = pads.dataset(str(output), format="parquet").to_table().sort_by("request_id")
     columns = ["request_id", "adapter_id", "generated_text", "num_generated_tokens", "finish_reason", "error"]
-    print(f"\n{table.num_rows} rows in {output}; the first ten:")
+    print(f"\n{table.num_rows} rows in {output}; the first ten (the demo model has random weights, so the")
+    print("text is noise; what the demo shows is every row going through its own adapter in shared batches):")
     for row in table.select(columns).slice(0, 10).to_pylist():
         print("  " + ", ".join(f"{k}={row[k]!r}" for k in columns))
 
