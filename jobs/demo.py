@@ -64,8 +64,11 @@ def show(output: Path) -> None:
     """A few output rows: base, adapter, fan-out and error rows."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(str(output), format="parquet").to_table().sort_by("request_id")
-    columns = ["request_id", "adapter_id", "generated_text", "num_generated_tokens", "finish_reason", "error"]
+    table = pads.dataset(str(output), format="parquet").to_table()
+    if "request_id" in table.column_names:
+        table = table.sort_by("request_id")
+    wanted = ["request_id", "adapter_id", "generated_text", "num_generated_tokens", "finish_reason", "error"]
+    columns = [c for c in wanted if c in table.column_names]
     print(f"\n{table.num_rows} rows in {output}; the first ten (the demo model has random weights, so the")
     print("text is noise; what the demo shows is every row going through its own adapter in shared batches):")
     for row in table.select(columns).slice(0, 10).to_pylist():
