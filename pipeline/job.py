@@ -49,7 +49,14 @@ def run(config: JobConfig) -> Summary:
     validate_job(config, input_data.schema)
     prepare_output(config.output, config.overwrite)
     started = time.perf_counter()
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
+        check_resources(config, float(os.cpu_count() or 1), strict=True)
     init_ray()
+    if joined:
+        import ray
+
+        check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
     dataset = read_input(config.input, len(input_data.files), min_blocks=2 * config.concurrency)
     from pipeline.infer import infer
 
@@ -71,6 +78,22 @@ def init_ray() -> None:
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     _progress_bars()
+
+
+def check_resources(config: JobConfig, total: float, strict: bool) -> None:
+    """Refuse (`strict`, a local Ray) or warn (a joined cluster, which may autoscale) when the
+    actor pool takes every CPU: Ray Data's read and write tasks would never run and the job
+    would hang silently (FACTS.md)."""
+    taken = config.concurrency * config.actor_cpus
+    if config.num_gpus or total - taken >= 1:
+        return
+    message = (f"--concurrency {config.concurrency} x --num-cpus {config.actor_cpus:g} takes {taken:g} of the "
+               f"cluster's {total:g} CPUs, leaving less than one for Ray Data's read and write tasks: the job "
+               "would hang. Use fewer actors or fractional --num-cpus (e.g. 0.5)")
+    if not strict:
+        logger.warning(message)
+        return
+    raise ValueError(message)
 
 
 def _progress_bars() -> None:

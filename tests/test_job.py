@@ -127,6 +127,7 @@ def job_input(tmp_path):
     ("bad_store_entry", "has no adapter_config.json"),
     ("non_empty_output", "is not empty"),
     ("missing_flag", "missing required option.*--output"),
+    ("all_cpus_to_actors", "leaving less than one for Ray Data's read and write tasks"),
 ])
 def test_up_front_errors_exit_2_with_one_line(llama, job_input, tmp_path, case, message):
     model, store = llama
@@ -155,7 +156,8 @@ def test_up_front_errors_exit_2_with_one_line(llama, job_input, tmp_path, case, 
         (tmp_path / "out" / "old.parquet").write_bytes(b"x")
     elif case == "missing_flag":
         del args["--output"]
-    result = _cli(*[x for kv in args.items() for x in kv])
+    extra = ["--concurrency", "2", "--num-cpus", str(os.cpu_count())] if case == "all_cpus_to_actors" else []
+    result = _cli(*[x for kv in args.items() for x in kv], *extra, env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
