@@ -14,14 +14,18 @@ ROWS_PER_ADAPTER = 2
 ADAPTERS_PER_CHECK = 16
 
 
-def check_routing(predictor) -> None:
-    """Compare mixed and single-adapter outputs for every loaded adapter.
+def check_routing(predictor, adapter_ids: list[str] | None = None) -> None:
+    """Compare mixed and single-adapter outputs for `adapter_ids` (default: every adapter of
+    the store, those already loaded first; the others load through the LRU set).
 
     Raises:
         RuntimeError: naming the adapter and the largest difference, if they disagree.
     """
     runtime, task = predictor.runtime, predictor.task
-    ids = runtime.loaded_ids
+    if adapter_ids is None:
+        loaded = runtime.loaded_ids
+        adapter_ids = loaded + [a for a in runtime.adapter_ids if a not in set(loaded)]
+    ids = list(adapter_ids)
     step = max(1, min(ADAPTERS_PER_CHECK, runtime.capacity))
     for start in range(0, max(len(ids), 1), step):
         _check_chunk(runtime, task, ids[start : start + step], seed=start)

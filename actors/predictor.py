@@ -85,9 +85,19 @@ class Predictor:
 
         Raises:
             KeyError: no adapter folder `adapter_id` inside the store.
-            ValueError: the adapter cannot be routed (the message says why).
+            ValueError: the adapter cannot be routed (the message says why), or it failed the
+                routing canary (then it is not kept).
         """
         self.runtime.add(adapter_id)
+        if not self.config.canary:
+            return
+        from actors.canary import check_routing
+
+        try:
+            check_routing(self, [adapter_id])
+        except RuntimeError as e:
+            self.runtime.remove(adapter_id)
+            raise ValueError(str(e)) from e
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; its rows get `unknown_adapter` afterwards.

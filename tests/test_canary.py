@@ -129,3 +129,37 @@ def test_a_misrouting_model_never_starts_with_the_canary_on(bert, monkeypatch):
     with pytest.raises(RuntimeError, match=DIFFERS.format("head-a")):
         Predictor(model=model, adapters=store, task="classify")
     Predictor(model=model, adapters=store, task="classify", canary=False)  # starts, unchecked
+
+
+def test_start_up_canary_covers_adapters_beyond_capacity(llama, monkeypatch):
+    model, store = llama
+    seen: list[str] = []
+    original = actors.canary._check_chunk
+    monkeypatch.setattr(actors.canary, "_check_chunk",
+                        lambda runtime, task, ids, seed: (seen.extend(ids), original(runtime, task, ids, seed)))
+    p = Predictor(model=model, adapters=store, task="generate", max_loaded_adapters=2, max_new_tokens=2)
+    assert sorted(seen) == sorted(p.adapter_ids) and len(p.adapter_ids) > 2
+    assert len(p.runtime.loaded_ids) <= 2
+
+
+def test_load_adapter_runs_the_canary_and_drops_a_failing_adapter(llama, tmp_path, monkeypatch):
+    import shutil
+
+    model, store = llama
+    shutil.copytree(store, tmp_path / "store", ignore=shutil.ignore_patterns("vera"))
+    p = Predictor(model=model, adapters=str(tmp_path / "store"), task="generate", max_new_tokens=2)
+    shutil.copytree(f"{store}/vera", tmp_path / "store" / "vera")
+    original = actors.canary._compare
+
+    def broken(mixed, alone, adapter, dtype):
+        original(mixed + (1.0 if adapter == "vera" else 0.0), alone, adapter, dtype)
+
+    monkeypatch.setattr(actors.canary, "_compare", broken)
+    with pytest.raises(ValueError, match="rows of adapter 'vera' in a mixed batch differ"):
+        p.load_adapter("vera")
+    assert "vera" not in p.adapter_ids
+    monkeypatch.setattr(actors.canary, "_compare", original)
+    p.load_adapter("vera")
+    out = p(pa.table({"prompt": ["the cat"], "adapter_id": ["vera"]})).to_pylist()[0]
+    assert (out["generated_text"], out["num_generated_tokens"], out["finish_reason"]) == \
+        oracle.generate(model, store, "vera", "the cat", 2)
