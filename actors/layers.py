@@ -145,8 +145,11 @@ class LowRankLinear(_LowRankBase):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         route = current_route()
-        if not self._active(route) or x.dim() < 2:
+        if not self._active(route):
             return out
+        if x.dim() < 2:
+            raise RuntimeError("a routed module received an input without a batch dimension; Switchyard cannot "
+                               "route this model")
         n = x.shape[0]
         x3 = x.reshape(n, -1, self.d_in).to(self.A.dtype)  # [N, T, in]
         if route.uniform is not None:
@@ -162,8 +165,11 @@ class LowRankEmbedding(_LowRankBase):
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(ids, *args, **kwargs)
         route = current_route()
-        if not self._active(route) or ids.dim() < 2:
+        if not self._active(route):
             return out
+        if ids.dim() < 2:
+            raise RuntimeError("a routed module received an input without a batch dimension; Switchyard cannot "
+                               "route this model")
         n, vocab = ids.shape[0], self.d_in
         if route.uniform is not None:
             h = F.embedding(ids, self.A[route.uniform])  # [N, T, r]

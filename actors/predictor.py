@@ -88,7 +88,7 @@ class Predictor:
             ValueError: the adapter cannot be routed (the message says why), or it failed the
                 routing canary (then it is not kept).
         """
-        self.runtime.add(adapter_id)
+        self.runtime.add(adapter_id, publish=not self.config.canary)
         if not self.config.canary:
             return
         from actors.canary import check_routing
@@ -98,6 +98,7 @@ class Predictor:
         except RuntimeError as e:
             self.runtime.remove(adapter_id)
             raise ValueError(str(e)) from e
+        self.runtime.publish(adapter_id)  # only now can rows name it
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; its rows get `unknown_adapter` afterwards.

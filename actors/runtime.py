@@ -81,7 +81,10 @@ class AdapterRuntime:
                 kind = LowRankEmbedding if isinstance(base, nn.Embedding) else LowRankLinear
                 layer = kind(base, d_in, d_out, n_slots, delta.rank, delta.bias is not None)
                 self._lowrank[name] = layer
-                self._replace(name, layer)
+                if name in self._heads:  # a head installed earlier stays outermost: it wraps the deltas
+                    self._heads[name].base_layer = layer
+                else:
+                    self._replace(name, layer)
             layer.resize(n_slots, delta.rank, delta.bias is not None)
         for name in weights.heads:
             if name not in self._heads:
@@ -99,12 +102,24 @@ class AdapterRuntime:
         setattr(parent, child, module)
 
     def _load_into(self, slot: int, weights: AdapterWeights) -> None:
-        """Write an adapter's weights into `slot` of every routed module."""
-        for name, layer in self._lowrank.items():
-            layer.assign(slot, weights.deltas.get(name))
-        for name, head in self._heads.items():
-            head.assign(slot, self._head_copy(name, weights.heads.get(name)))
+        """Write an adapter's weights into `slot` of every routed module (all or nothing)."""
+        try:
+            for name, layer in self._lowrank.items():
+                layer.assign(slot, weights.deltas.get(name))
+            for name, head in self._heads.items():
+                head.assign(slot, self._head_copy(name, weights.heads.get(name)))
+        except Exception:
+            self._clear(slot)
+            self._free.append(slot)
+            raise
         self._loaded[weights.adapter_id] = slot
+
+    def _clear(self, slot: int) -> None:
+        """Zero `slot` in every routed module and drop its head copies."""
+        for layer in self._lowrank.values():
+            layer.assign(slot, None)
+        for head in self._heads.values():
+            head.assign(slot, None)
 
     def _head_copy(self, name: str, state: dict | None) -> nn.Module | None:
         """A copy of base head `name` carrying the adapter's own weights."""
@@ -118,21 +133,25 @@ class AdapterRuntime:
     def _unload(self, adapter_id: str) -> int:
         """Clear an adapter's slot everywhere and return the slot."""
         slot = self._loaded.pop(adapter_id)
-        for layer in self._lowrank.values():
-            layer.assign(slot, None)
-        for head in self._heads.values():
-            head.assign(slot, None)
+        self._clear(slot)
         return slot
 
-    def add(self, adapter_id: str) -> None:
-        """Validate and register an adapter that appeared in the store after start-up.
+    def add(self, adapter_id: str, publish: bool = True) -> None:
+        """Validate and load an adapter that appeared in the store after start-up.
+
+        Args:
+            adapter_id: the folder name inside the store.
+            publish: make it known to callers now; else `publish(adapter_id)` does it later
+                (after a check), and until then no row can name it.
 
         Raises:
             KeyError: no such adapter folder in the store.
             AdapterError: the adapter cannot be routed (the message names it).
         """
         with self._lock:
-            if adapter_id in self._known:
+            if adapter_id in self._known or adapter_id in self._loaded:
+                if publish:
+                    self.publish(adapter_id)
                 return
             weights = self._read(adapter_id)
             if self._unbounded and not self._free:
@@ -143,8 +162,15 @@ class AdapterRuntime:
             self._install_modules(weights)
             if self._free:
                 self._load_into(self._free.pop(), weights)
-            self.adapter_ids.append(adapter_id)
-            self._known.add(adapter_id)
+            if publish:
+                self.publish(adapter_id)
+
+    def publish(self, adapter_id: str) -> None:
+        """Let rows name `adapter_id` (after `add(adapter_id, publish=False)`)."""
+        with self._lock:
+            if adapter_id not in self._known:
+                self.adapter_ids.append(adapter_id)
+                self._known.add(adapter_id)
 
     def remove(self, adapter_id: str) -> None:
         """Forget an adapter (waiting for running calls that use it).
@@ -153,10 +179,11 @@ class AdapterRuntime:
             KeyError: not a registered adapter.
         """
         with self._lock:
-            if adapter_id not in self._known:
+            if adapter_id not in self._known and adapter_id not in self._loaded:
                 raise KeyError(adapter_id)
-            self._known.discard(adapter_id)
-            self.adapter_ids.remove(adapter_id)
+            if adapter_id in self._known:
+                self._known.discard(adapter_id)
+                self.adapter_ids.remove(adapter_id)
             while adapter_id in self._loaded and self._pins.get(self._loaded[adapter_id]):
                 self._lock.wait()
             if adapter_id in self._loaded:
@@ -202,6 +229,7 @@ class AdapterRuntime:
             self._loaded.move_to_end(adapter_id)
             return self._loaded[adapter_id]
         weights = self._read(adapter_id)
+        self._install_modules(weights)  # the folder may have changed since start-up
         if not self._free:
             victim = next(a for a, s in self._loaded.items() if not self._pins.get(s) and a not in keep)
             logger.debug("evicting adapter %s", victim)
