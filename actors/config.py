@@ -56,6 +56,8 @@ class PredictorConfig:
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                f"max_new_tokens ({self.max_new_tokens!r}) must be an integer >= 1")
         require(self.temperature >= 0, f"temperature ({self.temperature!r}) must be >= 0")
+        require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+                f"seed ({self.seed!r}) must be an integer in [0, 2**63)")
         require(0 < self.top_p <= 1, f"top_p ({self.top_p!r}) must be in (0, 1]")
         require(self.max_loaded_adapters is None or self.max_loaded_adapters >= 1,
                f"max_loaded_adapters ({self.max_loaded_adapters!r}) must be >= 1")
@@ -70,8 +72,8 @@ class PredictorConfig:
 
 
 def check_model_dir(model: str) -> None:
-    """Refuse a model folder without a readable config.json, or with pickle weights only (cheap: no
-    heavy imports)."""
+    """Refuse a model folder without a readable config.json or without safetensors weights
+    (cheap: no heavy imports)."""
     config = Path(model) / "config.json"
     try:
         json.loads(config.read_text())
@@ -79,10 +81,13 @@ def check_model_dir(model: str) -> None:
         raise ValueError(f"model folder {model!r} has no readable config.json ({e}); pass --model a local "
                          "Hugging Face model folder") from e
     folder = Path(model)
-    pickles = sorted(p.name for p in folder.glob("*.bin")) if not any(folder.glob("*.safetensors")) else []
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin"))
     if pickles:
         raise ValueError(f"model folder {model!r} has only pickle weights ({pickles[0]}); Switchyard loads "
                          "safetensors only: re-save it with save_pretrained(safe_serialization=True)")
+    raise ValueError(f"model folder {model!r} has no *.safetensors weights; save the model with save_pretrained")
 
 
 def require(ok: bool, message: str) -> None:

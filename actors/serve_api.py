@@ -72,7 +72,7 @@ class CompletionBody(_Body):
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number | None = Field(None, ge=0)
     top_p: Number | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)  # torch generators take 64-bit seeds
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt = 1
     best_of: StrictInt | None = None

@@ -123,8 +123,26 @@ def config_from_args(argv: list[str] | None = None) -> JobConfig:
     unknown = sorted(set(values) - job_fields - set(MODEL_OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) in the config file: {', '.join(unknown)}")
+    values = {k: _coerce(k, v) for k, v in values.items()}
     options = {k: v for k, v in values.items() if k in MODEL_OPTIONS}
     return JobConfig(**{k: v for k, v in values.items() if k in job_fields}, options=options)
+
+
+_JOB_TYPES = {"batch_size": int, "concurrency": int, "num_cpus": float, "num_gpus": float}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A config-file value as its option's type (flags are typed by argparse already)."""
+    kind = _JOB_TYPES.get(name) or (_type_of(name) if name in MODEL_OPTIONS else None)
+    if value is None or kind in (None, str) or isinstance(value, bool):
+        return value
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"option {name} ({value!r}) must be {'an integer' if kind is int else 'a number'}") from e
+    if kind is int and converted != float(value):
+        raise ValueError(f"option {name} ({value!r}) must be an integer")
+    return converted
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:

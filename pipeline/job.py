@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(argv)
         summary = run(config)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         print(f"batch_infer: error: {e}", file=sys.stderr)
         return 2
     print("Switchyard batch job done: " + config.output)

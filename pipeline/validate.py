@@ -3,9 +3,11 @@ ValueError with one line that says what is wrong and what to do."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
-from actors.config import INPUT_COLUMNS, check_model_dir
+from actors.config import INPUT_COLUMNS, PredictorConfig
 from actors.store import AdapterStore
 from pipeline.config import JobConfig
 
@@ -21,10 +23,24 @@ def validate_job(config: JobConfig, schema: pa.Schema) -> list[str]:
     Raises:
         ValueError: the first problem found.
     """
-    check_model_dir(config.model)
+    PredictorConfig(**config.predictor_kwargs())  # every model option, as each actor will check it
+    check_processor_files(config.model, config.task)
     adapter_ids = AdapterStore(config.adapters).ids() if config.adapters else []
     validate_columns(config.task, schema)
     return adapter_ids
+
+
+def check_processor_files(model: str, task: str) -> None:
+    """The model folder has what turns inputs into tensors: a tokenizer, or for images an
+    image processor config."""
+    folder = Path(model)
+    if task == "classify-image":
+        wanted = ["preprocessor_config.json"]
+    else:
+        wanted = ["tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json"]
+    if not any((folder / name).is_file() for name in wanted):
+        raise ValueError(f"model folder {model!r} has none of {', '.join(wanted)}, which task {task!r} needs; "
+                         "save the tokenizer or image processor with the model (save_pretrained)")
 
 
 def validate_columns(task: str, schema: pa.Schema) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -128,6 +129,10 @@ def job_input(tmp_path):
     ("non_empty_output", "is not empty"),
     ("missing_flag", "missing required option.*--output"),
     ("all_cpus_to_actors", "leaving less than one for Ray Data's read and write tasks"),
+    ("bad_option_value", r"max_new_tokens \(0\) must be an integer >= 1"),
+    ("no_tokenizer", "has none of tokenizer.json"),
+    ("no_weights", "has no \\*.safetensors weights"),
+    ("yaml_wrong_type", r"option batch_size \('lots'\) must be an integer"),
 ])
 def test_up_front_errors_exit_2_with_one_line(llama, job_input, tmp_path, case, message):
     model, store = llama
@@ -156,6 +161,16 @@ def test_up_front_errors_exit_2_with_one_line(llama, job_input, tmp_path, case, 
         (tmp_path / "out" / "old.parquet").write_bytes(b"x")
     elif case == "missing_flag":
         del args["--output"]
+    elif case == "bad_option_value":
+        args["--max-new-tokens"] = "0"
+    elif case in ("no_tokenizer", "no_weights"):
+        shutil.copytree(model, tmp_path / "m")
+        for f in (tmp_path / "m").glob("tokenizer*" if case == "no_tokenizer" else "*.safetensors"):
+            f.unlink()
+        args["--model"] = str(tmp_path / "m")
+    elif case == "yaml_wrong_type":
+        (tmp_path / "job.yaml").write_text("batch_size: lots\n")
+        args["--config"] = str(tmp_path / "job.yaml")
     extra = ["--concurrency", "2", "--num-cpus", str(os.cpu_count())] if case == "all_cpus_to_actors" else []
     result = _cli(*[x for kv in args.items() for x in kv], *extra, env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr

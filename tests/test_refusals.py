@@ -250,7 +250,7 @@ def test_model_folder_without_config_is_refused(tmp_path):
 def test_model_folder_without_weights_or_for_another_task_is_refused(llama, vit, tmp_path):
     (tmp_path / "bare").mkdir()
     shutil.copy(Path(llama[0]) / "config.json", tmp_path / "bare")
-    with pytest.raises(ValueError, match=r"cannot load model folder .*bare.* as AutoModelForCausalLM"):
+    with pytest.raises(ValueError, match=r"model folder .*bare.* has no \*\.safetensors weights"):
         Predictor(model=str(tmp_path / "bare"), task="generate")
     with pytest.raises(ValueError, match=r"cannot load model folder .* as AutoModelForCausalLM for task 'generate'"):
         Predictor(model=vit[0], task="generate")
@@ -330,3 +330,10 @@ def test_malformed_batches_raise_naming_the_problem(bert):
         predictor({"text": np.array(["a", "b"]), "adapter_id": np.array(["head-a"])})
     with pytest.raises(ValueError, match=r"batch must be a pyarrow Table, a pandas DataFrame or a dict"):
         predictor([{"text": "hi"}])
+
+
+def test_seed_must_fit_a_torch_generator(llama):
+    from actors.config import PredictorConfig
+
+    with pytest.raises(ValueError, match=r"seed \(1180591620717411303424\) must be an integer in \[0, 2\*\*63\)"):
+        PredictorConfig(model=llama[0], seed=2**70)
