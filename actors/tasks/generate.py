@@ -161,12 +161,16 @@ class RowStopper(StoppingCriteria):
         self.limits = torch.tensor(limits)
         self.stop = stop
         self.tokenizer = tokenizer
+        # A stop string that the newest token completes lies within its last few tokens (a
+        # character is at most 4 byte-level tokens): decode that tail, not the whole text.
+        self.window = 4 * max((len(s) for s in stop), default=0) + 8
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self.prompt_length
-        done = self.limits <= generated
+        length = input_ids.shape[1]
+        done = self.limits <= length - self.prompt_length
         if self.stop:
+            start = max(self.prompt_length, length - self.window)
             for i in (~done).nonzero().flatten().tolist():
-                text = self.tokenizer.decode(input_ids[i, self.prompt_length:], skip_special_tokens=True)
+                text = self.tokenizer.decode(input_ids[i, start:], skip_special_tokens=True)
                 done[i] = any(s in text for s in self.stop)
         return done.to(input_ids.device)
