@@ -162,7 +162,7 @@ class Predictor:
         params = {p: columns[p] for p in self.task.row_parameters if p in columns}
         for row in rows:
             try:
-                if row.adapter_key is not None and not self._known(row.adapter_key):
+                if row.adapter_key is not None and not self.knows(row.adapter_key):
                     raise RowError("unknown_adapter", f"adapter {row.adapter!r} is not in the adapter store")
                 row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
             except RowError as e:
@@ -171,8 +171,8 @@ class Predictor:
                 _reraise_fatal(e)
                 row.error = f"internal: {type(e).__name__}: {e}"
 
-    def _known(self, adapter: Any) -> bool:
-        """Whether `adapter` names an adapter of the store."""
+    def knows(self, adapter: Any) -> bool:
+        """Whether `adapter` names an adapter rows can use (no copy of the id list)."""
         return isinstance(adapter, str) and self.runtime.known(adapter)
 
     def _run(self, rows: list[_Row]) -> None:

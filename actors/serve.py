@@ -5,7 +5,7 @@ keeps parsing requests (actors/serve_batching.py; Ray's `@serve.batch` with batc
 
     serve run actors.serve:build_app model=DIR adapters=DIR task=generate
     serve deploy deploy/serve_config.yaml
-    python jobs/serve.py --model DIR --adapters DIR --task generate   # main, in actors/serve_options.py
+    python jobs/serve.py --model DIR --adapters DIR --task generate   # actors/serve_options.py:main
 
 Endpoints (README.md, "Online serving"): GET /v1/models, /v1/stats; POST /v1/completions (generate),
 /v1/embeddings (embed), /v1/classify (classify, classify-image), /v1/load_lora_adapter and
@@ -33,7 +33,7 @@ from actors.serve_api import (
     models_response, parse_body, read_json, row_error, text_work,
 )
 from actors.serve_batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
-from actors.serve_options import ServeOptions, main, options_dict, split_args  # main: jobs/serve.py
+from actors.serve_options import ServeOptions, options_dict, split_args
 from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class SwitchyardServer:
         """
         if model == self.base_name:
             return None
-        if model in self.predictor.adapter_ids:
+        if self.predictor.knows(model):
             return model
         raise ApiError(404, f"model {model[:200]!r} does not exist here; GET /v1/models lists the base model "
                        f"({self.base_name!r}) and every adapter", "model_not_found")
@@ -250,7 +250,7 @@ class SwitchyardServer:
         name = self._adapter_in_store(body.lora_name, body.lora_path)
         if body.load_inplace:
             raise ApiError(400, "load_inplace is not supported: unload the adapter, then load it", "unsupported")
-        if name in self.predictor.adapter_ids:
+        if self.predictor.knows(name):
             return name, "already_loaded"
         try:
             await asyncio.to_thread(self.predictor.load_adapter, name)
@@ -265,7 +265,7 @@ class SwitchyardServer:
     async def _unload(self, body: UnloadAdapterBody) -> tuple[str, str]:
         """Forget an adapter; its later requests get 404."""
         name = body.lora_name
-        if name not in self.predictor.adapter_ids:
+        if not self.predictor.knows(name):
             raise ApiError(404, f"adapter {name[:200]!r} is not loaded", "adapter_not_found")
         try:
             await asyncio.to_thread(self.predictor.unload_adapter, name)

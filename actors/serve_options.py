@@ -6,28 +6,24 @@ both built from the fields of `PredictorConfig` and `ServeOptions`. Ray is impor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
 import time
-import types
-import typing
 import urllib.error
 import urllib.request
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from actors.config import DTYPES, TASKS, PredictorConfig, require
+from actors.options import add_flags, convert
 from actors.store import AdapterStore
 
 logger = logging.getLogger(__name__)
 PREDICTOR_FIELDS = {f.name for f in fields(PredictorConfig)}
 BATCHERS = ("coalescer", "serve.batch")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @dataclass
@@ -116,8 +112,8 @@ def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], ServeOptions]:
         raise ValueError(f"unknown argument(s) {unknown}; valid: {sorted(PREDICTOR_FIELDS | SERVE_FIELDS)}")
     if not args.get("model"):
         raise ValueError("argument `model` (a local Hugging Face model folder) is required")
-    predictor = {k: _convert(PredictorConfig, k, v) for k, v in args.items() if k in PREDICTOR_FIELDS}
-    options = ServeOptions(**{k: _convert(ServeOptions, k, v) for k, v in args.items() if k in SERVE_FIELDS})
+    predictor = {k: convert(PredictorConfig, k, v) for k, v in args.items() if k in PREDICTOR_FIELDS}
+    options = ServeOptions(**{k: convert(ServeOptions, k, v) for k, v in args.items() if k in SERVE_FIELDS})
     if "num_threads" in PREDICTOR_FIELDS and predictor.get("num_threads") is None and options.predictor_threads():
         predictor["num_threads"] = options.predictor_threads()
     PredictorConfig(**predictor)
@@ -128,75 +124,6 @@ def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], ServeOptions]:
 def options_dict(options: ServeOptions) -> dict[str, Any]:
     """ServeOptions as plain values (what travels to the replicas)."""
     return asdict(options)
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    """Resolved field types of a dataclass (its annotations are strings)."""
-    return typing.get_type_hints(cls)
-
-
-def _convert(cls: type, name: str, value: Any) -> Any:
-    """`value` as field `name`'s type when it arrives as a string; other values pass as given."""
-    if not isinstance(value, str):
-        return value
-    kind, optional = _base_type(_hints(cls)[name])
-    if optional and value.lower() in ("none", "null", ""):
-        return None
-    try:
-        if kind is bool:
-            if value.lower() not in _TRUE | _FALSE:
-                raise ValueError("expected true or false")
-            return value.lower() in _TRUE
-        if kind is list:
-            return json.loads(value) if value.startswith("[") else [value]
-        return kind(value)
-    except ValueError as e:
-        raise ValueError(f"argument {name} ({value!r}) is not a valid {kind.__name__}: {e}") from e
-
-
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """(the plain type, whether None is allowed) of a field type like `int | None` or `list[str]`."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        kinds = [a for a in args if a is not type(None)]
-        return _base_type(kinds[0])[0], True
-    return (typing.get_origin(hint) or hint), False
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
-    """One flag per field of dataclass `cls` (kebab-case), default None (= the field's default),
-    its help taken from the class docstring's Args section."""
-    hints, docs = _hints(cls), _field_docs(cls)
-    choices = {"task": TASKS, "dtype": DTYPES, "batcher": BATCHERS}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        kind, _ = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
-                                                              else None)
-        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif kind is list:
-            parser.add_argument(flag, action="append", help=help_text.replace("(default", "(repeat for several; default"))
-        else:
-            parser.add_argument(flag, type=kind, choices=choices.get(f.name), default=None, help=help_text)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its text in the docstring's Args section ("a, b: text" documents both)."""
-    docs: dict[str, str] = {}
-    names: list[str] = []
-    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^\s{8}([a-z_][a-z_, ]*): (.*)$", line)
-        if match:
-            names = [n.strip() for n in match.group(1).split(",")]
-            docs.update({n: match.group(2) for n in names})
-        elif line.startswith(" " * 12) and names:
-            docs.update({n: docs[n] + " " + line.strip() for n in names})
-    return docs
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    add_flags(p, PredictorConfig, skip={"model", "adapters", "task"})
-    add_flags(p, ServeOptions)
+    choices = {"dtype": DTYPES, "batcher": BATCHERS}
+    add_flags(p, PredictorConfig, skip={"model", "adapters", "task"}, choices=choices)
+    add_flags(p, ServeOptions, choices=choices)
     return p
 
 

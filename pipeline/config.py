@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import DEVICES, DTYPES, TASKS, require
+from actors.config import DEVICES, DTYPES, TASKS, PredictorConfig, require
+from actors.options import add_flags, field_type
 
-# Predictor options the job passes through, with their flag help.
-MODEL_OPTIONS = {
-    "device": ("auto", "auto (cuda if visible), cpu, cuda"),
-    "dtype": ("float32", "float32, bfloat16 or float16"),
-    "max_new_tokens": (64, "generate: new tokens per row (a `max_new_tokens` column overrides per row)"),
-    "temperature": (0.0, "generate: 0 = greedy (a `temperature` column overrides per row)"),
-    "top_p": (1.0, "generate: nucleus sampling"),
-    "seed": (None, "generate: seed of every row's sampler"),
-    "stop": ([], "generate: stop strings (repeat the flag for several)"),
-    "normalize": (False, "embed: unit-length embeddings"),
-    "max_loaded_adapters": (None, "adapters in memory at once per actor (default: all)"),
-    "max_batch_rows": (64, "rows per model call inside an actor"),
-    "canary": (True, "start-up check that mixed batches equal single-adapter runs"),
-}
+# Predictor options the job passes through: every PredictorConfig option but the thread count,
+# which the job derives from --num-cpus.
+MODEL_OPTIONS = [name for name in PredictorConfig.option_names() if name != "num_threads"]
 
 
 @dataclass
@@ -36,7 +27,7 @@ class JobConfig:
         input, output: Parquet file/folder (local or any pyarrow URI) and output folder.
         batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor.
         overwrite: replace the output folder's files instead of refusing a non-empty one.
-        options: Predictor options (MODEL_OPTIONS).
+        options: Predictor options (MODEL_OPTIONS: PredictorConfig's fields).
     """
 
     model: str
@@ -88,23 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1; fractions allowed)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
-    for name, (default, help_text) in MODEL_OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "canary":
-            p.add_argument("--no-canary", dest="canary", action="store_false", default=None, help="skip the " + help_text)
-        elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif name == "stop":
-            p.add_argument(flag, action="append", help=help_text)
-        else:
-            p.add_argument(flag, type=_type_of(name), help=f"{help_text} (default {default})")
+    add_flags(p, PredictorConfig, skip={"model", "adapters", "task", "num_threads"})
     return p
-
-
-def _type_of(name: str):
-    """The argparse type of a model option."""
-    return {"max_new_tokens": int, "seed": int, "max_loaded_adapters": int, "max_batch_rows": int,
-            "temperature": float, "top_p": float}.get(name, str)
 
 
 def config_from_args(argv: list[str] | None = None) -> JobConfig:
@@ -128,13 +104,11 @@ def config_from_args(argv: list[str] | None = None) -> JobConfig:
     return JobConfig(**{k: v for k, v in values.items() if k in job_fields}, options=options)
 
 
-_JOB_TYPES = {"batch_size": int, "concurrency": int, "num_cpus": float, "num_gpus": float}
-
-
 def _coerce(name: str, value: Any) -> Any:
     """A config-file value as its option's type (flags are typed by argparse already)."""
-    kind = _JOB_TYPES.get(name) or (_type_of(name) if name in MODEL_OPTIONS else None)
-    if value is None or kind in (None, str) or isinstance(value, bool):
+    owner = PredictorConfig if name in MODEL_OPTIONS else JobConfig
+    kind = field_type(typing.get_type_hints(owner)[name])[0]
+    if value is None or kind not in (int, float) or isinstance(value, bool):
         return value
     try:
         converted = kind(value)
