@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,12 @@ _UNROUTABLE_LORA_OPTIONS = (
     "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
     "megatron_config",
 )
+# Heads PEFT's task classes add to `modules_to_save` before matching targets
+# (PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+# Key endings that mark one module's low-rank weights (LoRA linear, LoRA embedding, VeRA).
+_DELTA_MARKERS = ("lora_A.weight", "lora_embedding_A", "vera_lambda_d")
 # Initialisations that rewrite the base weights, so the adapter only fits a modified base.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
@@ -61,6 +68,36 @@ class AdapterError(ValueError):
     """An adapter that cannot be routed correctly; the message names the adapter."""
 
 
+class BaseTree:
+    """The base model's modules and tensors as they were before any routed layer was installed.
+
+    Routed layers replace children of base modules (a LoRA on `classifier.dense` replaces a
+    child of the `classifier` head), so a live module's `state_dict()` would later name the
+    wrappers' tensors. Reading every adapter against this snapshot makes the order adapters
+    are read in irrelevant.
+
+    Args:
+        model: the base model, before the runtime wraps anything.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())
+        self._tensors = dict(model.state_dict())  # detached views: no copy
+
+    def state_of(self, name: str) -> dict[str, torch.Tensor]:
+        """The untouched `state_dict()` of module `name` (keys relative to it).
+
+        Args:
+            name: a dotted module name of the base model.
+
+        Returns:
+            Its parameters and persistent buffers, as `module.state_dict()` gave them
+            before any wrapping.
+        """
+        prefix = f"{name}." if name else ""
+        return {key[len(prefix):]: value for key, value in self._tensors.items() if key.startswith(prefix)}
+
+
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module the routed layers can wrap, or None for any other module."""
     from transformers.pytorch_utils import Conv1D
@@ -74,13 +111,13 @@ def module_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def read_adapter(path: Path, adapter_id: str, modules: dict[str, nn.Module]) -> AdapterWeights:
-    """Read and validate one adapter against the base model's modules.
+def read_adapter(path: Path, adapter_id: str, base: BaseTree) -> AdapterWeights:
+    """Read and validate one adapter against the untouched base model.
 
     Args:
         path: the adapter folder (inside the store).
         adapter_id: its id, used in every error message.
-        modules: the base model's `named_modules()` as a dict.
+        base: the base model as it was before any routed layer was installed.
 
     Returns:
         The adapter's per-module deltas and heads, float32 on the CPU.
@@ -91,8 +128,10 @@ def read_adapter(path: Path, adapter_id: str, modules: dict[str, nn.Module]) -> 
     """
     config = _read_config(path, adapter_id)
     tensors = _read_tensors(path, adapter_id)
+    modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
-    weights.heads = _take_heads(tensors, config, modules, adapter_id)
+    weights.heads = _take_heads(tensors, config, base, adapter_id)
+    _refuse_deltas_inside_heads(tensors, config, adapter_id)
     if weights.peft_type == "LORA":
         weights.deltas = _lora_deltas(tensors, config, modules, adapter_id)
     else:
@@ -121,7 +160,25 @@ def _read_config(path: Path, adapter_id: str):
     except (TypeError, ValueError) as e:
         raise AdapterError(f"adapter {adapter_id!r}: invalid adapter_config.json: {e}") from e
     _refuse_options(config, adapter_id)
+    config.modules_to_save = peft_modules_to_save(config)
     return config
+
+
+def peft_modules_to_save(config) -> list[str] | None:
+    """The `modules_to_save` PEFT loads an adapter with: its config's, plus the heads of its
+    `task_type` (PeftModel.from_pretrained picks the task's class, which adds them before it
+    matches targets, so no LoRA target inside them is adapted).
+
+    Args:
+        config: the adapter's PEFT config.
+
+    Returns:
+        The module names, or None when there are none.
+    """
+    names = list(config.modules_to_save or ())
+    task = getattr(config.task_type, "value", config.task_type)
+    names += [m for m in _TASK_HEADS.get(task, ()) if m not in names]
+    return names or None
 
 
 def _refuse_options(config, adapter_id: str) -> None:
@@ -158,28 +215,65 @@ def _read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
         tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"adapter {adapter_id!r}: corrupt {WEIGHTS_FILE}: {e}") from e
+    for key, value in sorted(tensors.items()):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise AdapterError(f"adapter {adapter_id!r}: its weights are not finite (NaN or inf in {key}); the "
+                               "adapter is broken (e.g. a diverged training run): retrain or re-save it")
     return {key: value.float() for key, value in tensors.items()}
 
 
-def _take_heads(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, dict]:
-    """Pop the whole-module copies (`modules_to_save`) out of `tensors`, keyed by module name."""
+def _take_heads(tensors: dict, config, base: BaseTree, adapter_id: str) -> dict[str, dict]:
+    """Pop the whole-module copies (`modules_to_save`) out of `tensors`, keyed by module name.
+
+    PEFT wraps every module whose name ends with an entry of `modules_to_save` and saves its
+    copy under the module's own keys (`classifier.dense.weight`, the `modules_to_save.default`
+    level stripped); loading needs every one of those keys."""
     heads: dict[str, dict[str, torch.Tensor]] = {}
-    names = [n for n in modules if n and any(n == m or n.endswith("." + m) for m in (config.modules_to_save or ()))]
-    for name in names:
-        expected = dict(modules[name].state_dict())
+    for name in [n for n in base.modules if n and any(n.endswith(m) for m in (config.modules_to_save or ()))]:
+        expected = base.state_of(name)
+        if not expected:  # nothing to copy (a Dropout): the copy computes what the base does
+            continue
         state = {param: tensors.pop(f"{PREFIX}{name}.{param}") for param in list(expected)
                  if f"{PREFIX}{name}.{param}" in tensors}
-        if not state:
-            continue
         for param, value in state.items():
             if value.shape != expected[param].shape:
                 raise AdapterError(f"adapter {adapter_id!r}: head {name}.{param} has shape {tuple(value.shape)}, "
                                    f"the base model's is {tuple(expected[param].shape)}")
+        if not state:
+            raise AdapterError(f"adapter {adapter_id!r}: its modules_to_save (its config's, or its task_type's) "
+                               f"names module {name}, but {WEIGHTS_FILE} has no copy of it, so PEFT cannot load "
+                               "it; save the adapter again, or drop that module from modules_to_save")
         missing = sorted(set(expected) - set(state))
         if missing:
             raise AdapterError(f"adapter {adapter_id!r}: head {name} lacks {missing}")
         heads[name] = state
     return heads
+
+
+def _refuse_deltas_inside_heads(tensors: dict, config, adapter_id: str) -> None:
+    """Refuse low-rank weights on a module inside (or equal to) one of the adapter's own
+    `modules_to_save` modules: PEFT never adapts those (its target matching excludes them),
+    so it would load the adapter without them and its output would not be what was saved."""
+    saved = list(config.modules_to_save or ())
+    for key in sorted(tensors):
+        name = _delta_module(key)
+        if name is None:
+            continue
+        head = next((m for m in saved if re.match(rf"(^|.*\.){m}($|\..*)", name)), None)
+        if head is not None:
+            raise AdapterError(f"adapter {adapter_id!r} has {config.peft_type.value} weights for {name}, inside its "
+                               f"own modules_to_save module {head!r} (its config's, or its task_type's); PEFT "
+                               "never applies an adapter inside modules_to_save (it uses the saved copy as it "
+                               f"is), so these weights would be ignored. Remove them from {WEIGHTS_FILE}, or drop "
+                               f"{head!r} from modules_to_save")
+
+
+def _delta_module(key: str) -> str | None:
+    """The module name of a low-rank weight key (`PREFIX + name + '.lora_A.weight'`), else None."""
+    for marker in _DELTA_MARKERS:
+        if key.startswith(PREFIX) and key.endswith("." + marker):
+            return key[len(PREFIX):-len(marker) - 1]
+    return None
 
 
 def _lora_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:

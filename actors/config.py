@@ -4,13 +4,28 @@ are built from these fields (snake_case here, kebab-case on the command line).""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import pyarrow as pa
+
 TASKS = ("generate", "classify", "embed", "classify-image")
 INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
+ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
+_CLASSIFY = [("label", pa.string()), ("label_id", pa.int64()), ("scores", pa.list_(pa.float32()))]
+# Each task's own output columns (docs/contract.md "Columns"), between `adapter_id` and `error`.
+TASK_OUTPUTS = {
+    "generate": pa.schema([("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
+                           ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string())]),
+    "classify": pa.schema(_CLASSIFY),
+    "embed": pa.schema([("embedding", pa.list_(pa.float32()))]),
+    "classify-image": pa.schema(_CLASSIFY),
+}
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+# sentence-transformers' pooling modes (its names), for task embed.
+POOLINGS = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
 
 
 @dataclass
@@ -24,7 +39,10 @@ class PredictorConfig:
         device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
         dtype: weights and activations dtype.
         max_new_tokens, temperature, top_p, seed, stop: generation defaults (task generate).
-        normalize: unit-length embeddings (task embed).
+        pooling: task embed: how the last hidden state is pooled (unset: as the folder's
+            sentence-transformers files say, else mean).
+        normalize: task embed: unit-length embeddings, or not (unset: as the folder's
+            sentence-transformers files say, else off).
         max_loaded_adapters: adapters held in memory at once (None: all of the store).
         canary: run the start-up mixed-vs-alone check.
         max_batch_rows: rows per model call (larger batches are split).
@@ -41,7 +59,8 @@ class PredictorConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    normalize: bool = False
+    pooling: str | None = field(default=None, metadata={"choices": POOLINGS})
+    normalize: bool | None = None
     max_loaded_adapters: int | None = None
     canary: bool = True
     max_batch_rows: int = 64
@@ -55,15 +74,24 @@ class PredictorConfig:
                f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
                f"max_new_tokens ({self.max_new_tokens!r}) must be an integer >= 1")
-        require(self.temperature >= 0, f"temperature ({self.temperature!r}) must be >= 0")
+        require(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0,
+                f"temperature ({self.temperature!r}) must be a finite number >= 0")
         require(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
                 f"seed ({self.seed!r}) must be an integer in [0, 2**63)")
         require(0 < self.top_p <= 1, f"top_p ({self.top_p!r}) must be in (0, 1]")
         require(self.max_loaded_adapters is None or self.max_loaded_adapters >= 1,
                f"max_loaded_adapters ({self.max_loaded_adapters!r}) must be >= 1")
+        require(self.pooling is None or self.pooling in POOLINGS,
+                f"pooling ({self.pooling!r}) must be one of {', '.join(POOLINGS)}")
+        require(self.normalize is None or isinstance(self.normalize, bool),
+                f"normalize ({self.normalize!r}) must be true, false or unset")
         require(self.max_batch_rows >= 1, f"max_batch_rows ({self.max_batch_rows!r}) must be >= 1")
         require(all(isinstance(s, str) and s for s in self.stop), f"stop ({self.stop!r}) must be non-empty strings")
         check_model_dir(self.model)
+        if self.task == "embed":  # refuse sentence-transformers files it cannot reproduce, up front
+            from actors.embedding import embedding_spec
+
+            embedding_spec(self.model, self.pooling, self.normalize)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -71,15 +99,41 @@ class PredictorConfig:
         return [f.name for f in fields(cls) if f.name not in ("model", "adapters", "task")]
 
 
+def dropped_columns(task: str) -> set[str]:
+    """Input columns that do not pass through to the output (`adapter_ids` becomes one
+    `adapter_id` per row; image bytes stay behind)."""
+    return {ADAPTER_IDS, "image"} if task == "classify-image" else {ADAPTER_IDS}
+
+
+def added_columns(task: str) -> pa.Schema:
+    """The columns every output row gets: `adapter_id`, the task's columns, `error`."""
+    return pa.schema([pa.field(ADAPTER_ID, pa.string()), *TASK_OUTPUTS[task], pa.field(ERROR, pa.string())])
+
+
+def output_schema(task: str, input_schema: pa.Schema) -> pa.Schema:
+    """The output's schema for an input schema: the pass-through columns, then `added_columns`."""
+    added = added_columns(task)
+    kept = [f for f in input_schema if f.name not in dropped_columns(task) and f.name not in added.names]
+    return pa.schema([*kept, *added])
+
+
 def check_model_dir(model: str) -> None:
-    """Refuse a model folder without a readable config.json or without safetensors weights
-    (cheap: no heavy imports)."""
+    """Refuse a model folder without a readable config.json, with quantized weights or without
+    safetensors weights (cheap: no heavy imports).
+
+    Raises:
+        ValueError: naming the folder and what to do.
+    """
     config = Path(model) / "config.json"
     try:
-        json.loads(config.read_text())
+        settings = json.loads(config.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"model folder {model!r} has no readable config.json ({e}); pass --model a local "
                          "Hugging Face model folder") from e
+    if not isinstance(settings, dict):
+        raise ValueError(f"model folder {model!r} has no readable config.json (it holds a JSON "
+                         f"{type(settings).__name__}, not an object); pass --model a local Hugging Face model folder")
+    check_not_quantized(model, settings)
     folder = Path(model)
     if any(folder.glob("*.safetensors")):
         return
@@ -88,6 +142,28 @@ def check_model_dir(model: str) -> None:
         raise ValueError(f"model folder {model!r} has only pickle weights ({pickles[0]}); Switchyard loads "
                          "safetensors only: re-save it with save_pretrained(safe_serialization=True)")
     raise ValueError(f"model folder {model!r} has no *.safetensors weights; save the model with save_pretrained")
+
+
+def check_not_quantized(model: str, settings: dict) -> None:
+    """Refuse a quantized checkpoint (a `quantization_config` in config.json): Switchyard
+    supports no quantization method; its routed layers add each row's adapter to plain
+    floating-point weights.
+
+    Args:
+        model: the model folder (named in the message).
+        settings: its config.json.
+
+    Raises:
+        ValueError: naming the folder and the quantization method.
+    """
+    quantization = settings.get("quantization_config")
+    if not quantization:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+    raise ValueError(f"model folder {model!r} is quantized (config.json has a quantization_config, quant_method "
+                     f"{method!r}); Switchyard supports no quantization method and runs unquantized weights only: "
+                     "pass the unquantized checkpoint, or dequantize it (model.dequantize()) and save it with "
+                     "save_pretrained")
 
 
 def require(ok: bool, message: str) -> None:

@@ -50,7 +50,8 @@ def field_type(hint: Any) -> tuple[type, bool]:
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
               choices: dict[str, tuple] | None = None) -> None:
     """One flag per field of dataclass `cls` (kebab-case), default None (= the field's default),
-    its help taken from the class docstring's Args section; `choices` per field name."""
+    its help taken from the class docstring's Args section; `choices` per field name (else the
+    field's `metadata["choices"]`). A bool field gets `--flag` and `--no-flag`."""
     hints, docs = _hints(cls), _field_docs(cls)
     choices = choices or {}
     for f in fields(cls):
@@ -66,7 +67,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = froze
         elif kind is list:
             parser.add_argument(flag, action="append", help=help_text.replace("(default", "(repeat for several; default"))
         else:
-            parser.add_argument(flag, type=kind, choices=choices.get(f.name), default=None, help=help_text)
+            parser.add_argument(flag, type=kind, choices=choices.get(f.name, f.metadata.get("choices")),
+                                default=None, help=help_text)
 
 
 def _field_docs(cls: type) -> dict[str, str]:

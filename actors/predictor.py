@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from actors.batches import from_columns, to_columns
-from actors.config import PredictorConfig
-from actors.runtime import AdapterRuntime
+from actors.config import ADAPTER_ID, ADAPTER_IDS, ERROR, PredictorConfig, added_columns, dropped_columns
+from actors.runtime import AdapterRuntime, UnknownAdapterError
 from actors.store import AdapterStore
 from actors.tasks import TASK_CLASSES, Encoded, RowError
 
 logger = logging.getLogger(__name__)
-ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
 # Options that only steer generation or batching: a `with_options` view can change them.
 SHAREABLE_OPTIONS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "max_batch_rows")
 
@@ -191,6 +190,9 @@ class Predictor:
                 for row in group:
                     self._run_group([row])
                 return
+            if isinstance(e, UnknownAdapterError):  # unloaded between the row's check and its model call
+                group[0].error = f"unknown_adapter: adapter {group[0].adapter!r} is not in the adapter store"
+                return
             logger.warning("row failed: %s", e)
             group[0].error = f"internal: {type(e).__name__}: {e}"
             return
@@ -206,9 +208,7 @@ class Predictor:
 
     def _output(self, batch: Any, fmt: str, rows: list[_Row]) -> Any:
         """The result batch: pass-through columns, adapter_id, outputs and error."""
-        import pyarrow as pa
-
-        schema = pa.schema([pa.field(ADAPTER_ID, pa.string()), *self.task.output_schema, pa.field(ERROR, pa.string())])
+        schema = added_columns(self.task.name)
         nulls = self.task.null_outputs()
         outputs = {name: [] for name in schema.names}
         for row in rows:
@@ -216,8 +216,7 @@ class Predictor:
             values = {**nulls, **(row.outputs or {}), ADAPTER_ID: adapter, ERROR: row.error}
             for name in schema.names:
                 outputs[name].append(values[name])
-        drop = {ADAPTER_IDS, "image"} if self.task.input_column == "image" else {ADAPTER_IDS}  # bytes stay behind
-        return from_columns(batch, fmt, [r.source for r in rows], drop, outputs, schema)
+        return from_columns(batch, fmt, [r.source for r in rows], dropped_columns(self.task.name), outputs, schema)
 
 
 def _named(ids: Any, row: int) -> list:

@@ -4,12 +4,18 @@ Every adapter of the store is read and validated at start-up. Up to `capacity` o
 live in slots at once (all by default); past that they load on first use into a
 least-recently-used set. A batch pins the slots it uses until its model call ends, so
 another thread can never evict or overwrite an adapter in use.
+
+Every module is resolved against the base model as it was before anything was wrapped
+(`BaseTree`): a LoRA on a child of a head (`classifier.dense`) goes into the base head that
+rows without a head copy use, and each head copy is made from the untouched base module, so
+the order adapters are read in never matters. Model calls run while adapters are added or
+removed: routed layers swap whole immutable references (see `actors/layers.py`), and only
+published adapters can be acquired.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 from collections import OrderedDict
@@ -18,11 +24,19 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from actors.adapters import AdapterWeights, module_dims, read_adapter
-from actors.layers import LowRankEmbedding, LowRankLinear, RoutedHead, Route, routing
+from actors.adapters import AdapterWeights, BaseTree, module_dims, read_adapter
+from actors.layers import LowRankEmbedding, LowRankLinear, RoutedHead, Route, routing, unrouted_copy
 from actors.store import AdapterStore
 
 logger = logging.getLogger(__name__)
+
+
+class UnknownAdapterError(KeyError):
+    """A model call named an adapter that is not published (never added, removed, or still
+    being checked); it is never loaded for such a call."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""  # KeyError would quote the message
 
 
 class AdapterRuntime:
@@ -37,18 +51,29 @@ class AdapterRuntime:
     def __init__(self, model: nn.Module, store: AdapterStore, capacity: int | None = None) -> None:
         self.model = model
         self.store = store
-        self._base_modules = dict(model.named_modules())
+        self.base = BaseTree(model)  # before anything is wrapped
         self._lowrank: dict[str, LowRankLinear | LowRankEmbedding] = {}
         self._heads: dict[str, RoutedHead] = {}
         self._lock = threading.Condition()
         self._loaded: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, coldest first
         self._pins: dict[int, int] = {}
         self.adapter_ids = store.ids()
-        self._known = set(self.adapter_ids)
+        self._known = set(self.adapter_ids)  # published: rows may name them
+        self._pending: set[str] = set()  # added with publish=False, not yet published
         self._unbounded = capacity is None
         self.capacity = len(self.adapter_ids) if capacity is None else capacity
         self._free = list(range(self.capacity, 0, -1))  # slot 0 is "no adapter"
         self._validate_and_prepare()
+
+    @property
+    def lowrank_layers(self) -> dict[str, LowRankLinear | LowRankEmbedding]:
+        """The routed low-rank layers, by base module name."""
+        return dict(self._lowrank)
+
+    @property
+    def heads(self) -> dict[str, RoutedHead]:
+        """The routed heads (`modules_to_save`), by base module name."""
+        return dict(self._heads)
 
     @property
     def loaded_ids(self) -> list[str]:
@@ -67,39 +92,41 @@ class AdapterRuntime:
         logger.info("loaded %d of %d adapters", len(self._loaded), len(self.adapter_ids))
 
     def _read(self, adapter_id: str) -> AdapterWeights:
-        """Read one adapter against the unwrapped base modules."""
-        return read_adapter(self.store.path(adapter_id), adapter_id, self._base_modules)
+        """Read one adapter against the untouched base model."""
+        return read_adapter(self.store.path(adapter_id), adapter_id, self.base)
 
     def _install_modules(self, weights: AdapterWeights) -> None:
         """Wrap (once) every module this adapter touches and size its stacks for it."""
         n_slots = self.capacity + 1
         for name, delta in weights.deltas.items():
-            layer = self._lowrank.get(name)
-            if layer is None:
-                base = self._base_modules[name]
-                d_in, d_out = module_dims(base)
-                kind = LowRankEmbedding if isinstance(base, nn.Embedding) else LowRankLinear
-                layer = kind(base, d_in, d_out, n_slots, delta.rank, delta.bias is not None)
-                self._lowrank[name] = layer
-                if name in self._heads:  # a head installed earlier stays outermost: it wraps the deltas
-                    self._heads[name].base_layer = layer
-                else:
-                    self._replace(name, layer)
+            layer = self._lowrank.get(name) or self._wrap_lowrank(name, n_slots, delta.rank, delta.bias is not None)
             layer.resize(n_slots, delta.rank, delta.bias is not None)
         for name in weights.heads:
             if name not in self._heads:
-                self._heads[name] = RoutedHead(self._current(name))
-                self._replace(name, self._heads[name])
+                self._heads[name] = RoutedHead(self._lowrank.get(name) or self.base.modules[name])
+                self._install(name, self._heads[name])
 
-    def _current(self, name: str) -> nn.Module:
-        """The module now installed at `name` (a low-rank wrapper if there is one)."""
-        return self._lowrank.get(name) or self._base_modules[name]
+    def _wrap_lowrank(self, name: str, n_slots: int, rank: int, bias: bool) -> LowRankLinear | LowRankEmbedding:
+        """Wrap base module `name` in a low-rank layer and install it."""
+        base = self.base.modules[name]
+        d_in, d_out = module_dims(base)
+        kind = LowRankEmbedding if isinstance(base, nn.Embedding) else LowRankLinear
+        layer = kind(base, d_in, d_out, n_slots, rank, bias)
+        self._lowrank[name] = layer
+        if name in self._heads:  # a head of this very module stays outermost: rows without a copy get the delta
+            self._heads[name].base_layer = layer
+        else:
+            self._install(name, layer)
+        return layer
 
-    def _replace(self, name: str, module: nn.Module) -> None:
-        """Install `module` at dotted path `name` in the model."""
+    def _install(self, name: str, module: nn.Module) -> None:
+        """Install `module` at `name` inside its parent as the untouched base tree has it.
+
+        Resolving the parent there, not in the live model, puts a layer inside a head
+        (`classifier.dense`) into the base head that a `RoutedHead` runs for rows without a
+        copy of their own, never onto the `RoutedHead` itself where nothing would call it."""
         parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        setattr(parent, child, module)
+        setattr(self.base.modules[parent_name], child, module)
 
     def _load_into(self, slot: int, weights: AdapterWeights) -> None:
         """Write an adapter's weights into `slot` of every routed module (all or nothing)."""
@@ -122,10 +149,11 @@ class AdapterRuntime:
             head.assign(slot, None)
 
     def _head_copy(self, name: str, state: dict | None) -> nn.Module | None:
-        """A copy of base head `name` carrying the adapter's own weights."""
+        """A copy of base head `name` as the base model had it (no other adapter's routed
+        layers inside), carrying the adapter's own weights."""
         if state is None:
             return None
-        head = copy.deepcopy(self._base_modules[name])
+        head = unrouted_copy(self.base.modules[name])
         ref = next(head.parameters())
         head.load_state_dict({k: v.to(device=ref.device, dtype=ref.dtype) for k, v in state.items()})
         return head
@@ -149,11 +177,13 @@ class AdapterRuntime:
             AdapterError: the adapter cannot be routed (the message names it).
         """
         with self._lock:
-            if adapter_id in self._known or adapter_id in self._loaded:
+            if adapter_id in self._known or adapter_id in self._pending:
                 if publish:
                     self.publish(adapter_id)
                 return
-            weights = self._read(adapter_id)
+            while adapter_id in self._loaded:  # a removal of this id waits for running calls: let it finish
+                self._lock.wait()
+            weights = self._read(adapter_id)  # always the folder as it is now
             if self._unbounded and not self._free:
                 self.capacity += 1
                 self._free.append(self.capacity)
@@ -162,15 +192,24 @@ class AdapterRuntime:
             self._install_modules(weights)
             if self._free:
                 self._load_into(self._free.pop(), weights)
+            self._pending.add(adapter_id)
             if publish:
                 self.publish(adapter_id)
 
     def publish(self, adapter_id: str) -> None:
-        """Let rows name `adapter_id` (after `add(adapter_id, publish=False)`)."""
+        """Let rows name `adapter_id` (after `add(adapter_id, publish=False)`).
+
+        Raises:
+            KeyError: it was removed (or never added) meanwhile; add it again.
+        """
         with self._lock:
-            if adapter_id not in self._known:
-                self.adapter_ids.append(adapter_id)
-                self._known.add(adapter_id)
+            if adapter_id in self._known:
+                return
+            if adapter_id not in self._pending:
+                raise KeyError(f"adapter {adapter_id!r} was removed before it was published; load it again")
+            self._pending.discard(adapter_id)
+            self.adapter_ids.append(adapter_id)
+            self._known.add(adapter_id)
 
     def remove(self, adapter_id: str) -> None:
         """Forget an adapter (waiting for running calls that use it).
@@ -179,33 +218,44 @@ class AdapterRuntime:
             KeyError: not a registered adapter.
         """
         with self._lock:
-            if adapter_id not in self._known and adapter_id not in self._loaded:
+            if adapter_id not in self._known and adapter_id not in self._pending:
                 raise KeyError(adapter_id)
             if adapter_id in self._known:
                 self._known.discard(adapter_id)
                 self.adapter_ids.remove(adapter_id)
+            self._pending.discard(adapter_id)  # from now on no call can acquire it
             while adapter_id in self._loaded and self._pins.get(self._loaded[adapter_id]):
                 self._lock.wait()
             if adapter_id in self._loaded:
                 self._free.append(self._unload(adapter_id))  # the slot stays for the next adapter
+            self._lock.notify_all()  # an add() of the same id may wait for this
 
     def known(self, adapter_id: str) -> bool:
         """Whether `adapter_id` is an adapter of the store."""
         return adapter_id in self._known
 
     @contextlib.contextmanager
-    def acquire(self, adapter_ids: list[str]) -> Iterator[dict[str, int]]:
+    def acquire(self, adapter_ids: list[str], include_pending: bool = False) -> Iterator[dict[str, int]]:
         """Load (if needed) and pin `adapter_ids` for one model call; yields id -> slot.
+
+        Args:
+            adapter_ids: the adapters of the call's rows (repeats allowed).
+            include_pending: also allow adapters added with `publish=False` and not yet
+                published (the load-time check of those very adapters).
 
         Raises:
             ValueError: more distinct adapters than `capacity` (callers split batches).
+            UnknownAdapterError: an adapter that is not published (e.g. removed after the
+                caller checked it): nothing is loaded for it.
         """
         wanted = list(dict.fromkeys(adapter_ids))
         if len(wanted) > self.capacity:
             raise ValueError(f"a model call needs {len(wanted)} adapters but max_loaded_adapters is {self.capacity}")
         with self._lock:
+            self._check_published(wanted, include_pending)
             while not self._can_hold(wanted):
                 self._lock.wait()  # slots are pinned by calls running in other threads
+                self._check_published(wanted, include_pending)  # it may have been removed meanwhile
             slots = {a: self._ensure_loaded(a, wanted) for a in wanted}
             for slot in slots.values():
                 self._pins[slot] = self._pins.get(slot, 0) + 1
@@ -216,6 +266,13 @@ class AdapterRuntime:
                 for slot in slots.values():
                     self._pins[slot] -= 1
                 self._lock.notify_all()
+
+    def _check_published(self, wanted: list[str], include_pending: bool) -> None:
+        """Raise UnknownAdapterError for the first adapter of `wanted` no call may use now."""
+        for adapter_id in wanted:
+            if adapter_id not in self._known and not (include_pending and adapter_id in self._pending):
+                raise UnknownAdapterError(f"adapter {adapter_id!r} is not in the adapter store (it was removed, or "
+                                          "its load-time check has not passed yet)")
 
     def _can_hold(self, wanted: list[str]) -> bool:
         """Whether every adapter of `wanted` can be in a slot at once right now."""

@@ -1,7 +1,13 @@
-"""The online half: a Ray Serve deployment holding one `Predictor`, with an OpenAI-compatible
-FastAPI ingress. Concurrent requests, whatever adapters they name, are coalesced into one
-mixed batch: one Predictor call over all their rows, run in a worker thread so the event loop
-keeps parsing requests (actors/serve_batching.py; Ray's `@serve.batch` with batcher="serve.batch").
+"""The online half: a Ray Serve application of two deployments with an OpenAI-compatible API.
+
+`SwitchyardIngress` (here, the FastAPI app) answers HTTP: it reads and checks each body (size,
+nesting depth, JSON) and calls `SwitchyardModel` (actors/serve_model.py) through a deployment
+handle. The model replicas hold a Predictor each and coalesce concurrent requests, whatever
+adapters they name, into one mixed batch run in a worker thread (actors/serve_batching.py).
+
+Why two deployments: when a replica dies mid-request, Serve's HTTP proxy answers its requests
+with its own 500 in text/plain. The ingress is another process: it sees the handle call fail
+(`RayActorError`) and answers 503 with Retry-After in OpenAI's error shape.
 
     serve run actors.serve:build_app model=DIR adapters=DIR task=generate
     serve deploy deploy/serve_config.yaml
@@ -12,35 +18,31 @@ Endpoints (README.md, "Online serving"): GET /v1/models, /v1/stats; POST /v1/com
 /v1/unload_lora_adapter (with enable_adapter_management).
 
 No `from __future__ import annotations` in this module: it is the FastAPI ingress, and
-FastAPI resolves route annotations at run time (FACTS.md: with it, every POST got 422).
+FastAPI resolves route annotations at run time (docs/pitfalls.md: with it, every POST got 422).
 """
 
-import asyncio
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from actors.serve_api import (
-    ApiError, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, UnloadAdapterBody, Work, base_model_name,
-    classify_response, completion_response, completion_work, embedding_response, error_body, image_work,
-    models_response, parse_body, read_json, row_error, text_work,
-)
-from actors.serve_batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
+from actors.config import PredictorConfig
+from actors.serve_api import ApiError, Reply, error_body, read_json
+from actors.serve_batching import ServeMetrics
+from actors.serve_model import SwitchyardModel
 from actors.serve_options import ServeOptions, options_dict, split_args
-from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
 APP_NAME = "switchyard"
 ENDPOINT_TASKS = {"completions": ("generate",), "embeddings": ("embed",), "classify": ("classify", "classify-image")}
-SCHEMAS = {"completions": CompletionBody, "embeddings": EmbeddingBody, "classify": ClassifyBody}
-INPUT_NAMES = {"completions": "prompt", "embeddings": "input", "classify": "input"}
 
 app = FastAPI(title="Switchyard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -53,249 +55,122 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code)
 
 
-@serve.deployment(name="Switchyard")
-@serve.ingress(app)
-class SwitchyardServer:
-    """One replica: a Predictor (base model + every adapter of the store) behind HTTP.
+# Defined above the deployment class: defined below it, it was missing in the replica (a NameError
+# there): the class, wrapped by `serve.ingress`, travels by value with the globals it saw.
+def model_failure(error: Exception) -> ApiError:
+    """The answer to a request whose call to a model replica failed, rather than the request.
 
     Args:
-        predictor_args: keyword arguments of `Predictor` (model, adapters, task, options).
+        error: what awaiting the deployment handle raised.
+
+    Returns:
+        503 (with Retry-After) when the replica died or is unreachable, when no replica runs,
+        or when the queue for busy replicas is full; 500 for anything else.
+    """
+    if isinstance(error, RayActorError):  # ActorDiedError, ActorUnavailableError
+        return ApiError(503, "the model replica serving this request stopped before answering; Serve starts a new "
+                        "one. Retry after Retry-After seconds (with num_replicas >= 2 another replica answers at once)",
+                        "replica_unavailable")
+    if isinstance(error, DeploymentUnavailableError):
+        return ApiError(503, "no model replica is running (the deployment is starting or being replaced); retry "
+                        "after Retry-After seconds", "replica_unavailable")
+    if isinstance(error, BackPressureError):
+        return ApiError(503, f"overloaded: {error.message}; retry after Retry-After seconds", "overloaded")
+    logger.error("a call to a model replica failed: %s", error)
+    return ApiError(500, f"internal: the model replica's call failed ({type(error).__name__}); see the replica's "
+                    "log", "internal")
+
+
+
+@serve.deployment(name="SwitchyardIngress")
+@serve.ingress(app)
+class SwitchyardIngress:
+    """The HTTP side: bodies in, a call to a model replica, JSON out; no model here.
+
+    Args:
+        model: handle of the `SwitchyardModel` deployment.
+        task: the deployment's task (which endpoints it serves).
         options: `ServeOptions` fields, as a dict.
     """
 
-    def __init__(self, predictor_args: dict, options: dict) -> None:
-        from actors.predictor import Predictor  # torch and transformers load in replicas only
-
+    def __init__(self, model: DeploymentHandle, task: str, options: dict) -> None:
+        self.model = model
+        self.task = task
         self.options = ServeOptions(**options)
-        self.predictor = Predictor(**predictor_args)
-        self.task = self.predictor.config.task
-        self.runner = BatchRunner(self.predictor)
-        self.base_name = base_model_name(predictor_args["model"])
-        self.created = int(time.time())
-        self.stats = BatchStats()
         self.metrics = ServeMetrics()
-        self.pending_rows = 0
-        self.coalescer = Coalescer(self._run_batch, self.options.max_batch_size, self.options.batch_wait_timeout_s)
-        self._serve_batch.set_max_batch_size(self.options.max_batch_size)
-        self._serve_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
-        if self.base_name in self.predictor.adapter_ids:
-            logger.warning("adapter %r has the base model's name; requests for that name get the base model",
-                           self.base_name)
-
-    def check_health(self) -> None:
-        """Serve's health check: a replica whose model call failed fatally is restarted."""
-        if self.runner.broken is not None:
-            raise RuntimeError(f"replica unusable after a fatal model error: {self.runner.broken!r}")
-        if not self.coalescer.alive:
-            raise RuntimeError("the batching task stopped; requests would wait forever")
-
-    # -- endpoints --------------------------------------------------------------------------
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
         """The base model and every adapter (OpenAI's list shape)."""
-        return JSONResponse(models_response(self.base_name, self.predictor.adapter_ids, self.created))
+        return await self._call(None, time.perf_counter(), "models")
 
     @app.get("/v1/stats")
     async def stats(self) -> JSONResponse:
-        """This replica's batching counters (cheap; for tests and dashboards)."""
-        replica = serve.get_replica_context().replica_id.unique_id
-        return JSONResponse({**self.stats.summary(), "pending_rows": self.pending_rows, "task": self.task,
-                             "replica": replica})
+        """One model replica's batching counters (cheap; for tests and dashboards)."""
+        return await self._call(None, time.perf_counter(), "stats")
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> JSONResponse:
         """OpenAI completions (task generate)."""
-        return await self._answer(request, "completions")
+        return await self._infer(request, "completions")
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:
         """OpenAI embeddings (task embed)."""
-        return await self._answer(request, "embeddings")
+        return await self._infer(request, "embeddings")
 
     @app.post("/v1/classify")
     async def classify(self, request: Request) -> JSONResponse:
         """Text or image classification (tasks classify, classify-image)."""
-        return await self._answer(request, "classify")
+        return await self._infer(request, "classify")
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> JSONResponse:
-        """Register an adapter folder of the store (this replica only)."""
+        """Register an adapter folder of the store (on the model replica the call reaches)."""
         return await self._manage(request, "load_lora_adapter")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> JSONResponse:
-        """Forget an adapter (this replica only)."""
+        """Forget an adapter (on the model replica the call reaches)."""
         return await self._manage(request, "unload_lora_adapter")
 
-    # -- inference requests -----------------------------------------------------------------
-
-    async def _answer(self, request: Request, endpoint: str) -> JSONResponse:
-        """Parse, admit, run in a coalesced batch and render one inference request."""
-        started, adapter_tag = time.perf_counter(), "unknown"
+    async def _infer(self, request: Request, endpoint: str) -> JSONResponse:
+        """An inference request: checked and parsed here, answered by a model replica."""
+        started = time.perf_counter()
         try:
             if self.task not in ENDPOINT_TASKS[endpoint]:
                 raise ApiError(404, f"/v1/{endpoint} needs task {' or '.join(ENDPOINT_TASKS[endpoint])}; this "
                                f"deployment serves task {self.task}", "not_found")
-            body = parse_body(SCHEMAS[endpoint], await read_json(request))
-            adapter = self._resolve(body.model)
-            adapter_tag = body.model
-            rows = await self._submit(self._work(endpoint, body, adapter))
-            error = row_error(rows, INPUT_NAMES[endpoint])
-            if error is not None:
-                raise error
-            payload = self._render(endpoint, body, rows)
+            data = await read_json(request)
         except ApiError as e:
-            self.metrics.answered(endpoint, adapter_tag, e.status, e.code, started)
-            return e.response()
-        self.metrics.answered(endpoint, adapter_tag, 200, None, started)
-        return JSONResponse(payload)
-
-    def _resolve(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model).
-
-        Raises:
-            ApiError: 404 for a name that is neither the base model nor an adapter.
-        """
-        if model == self.base_name:
-            return None
-        if self.predictor.knows(model):
-            return model
-        raise ApiError(404, f"model {model[:200]!r} does not exist here; GET /v1/models lists the base model "
-                       f"({self.base_name!r}) and every adapter", "model_not_found")
-
-    def _work(self, endpoint: str, body: Any, adapter: str | None) -> Work:
-        """The request's rows."""
-        if endpoint == "completions":
-            return completion_work(body, adapter, self.predictor.config)
-        if self.task == "classify-image":
-            return image_work(body, adapter)
-        return text_work(body, adapter)
-
-    def _render(self, endpoint: str, body: Any, rows: list[dict]) -> dict:
-        """The response body for successful rows."""
-        if endpoint == "completions":
-            return completion_response(body.model, rows)
-        if endpoint == "embeddings":
-            return embedding_response(body.model, rows, body.encoding_format)
-        return classify_response(body.model, rows)
-
-    async def _submit(self, work: Work) -> list[dict]:
-        """Admit a request's rows, wait for its coalesced batch, return its rows in order.
-
-        Raises:
-            ApiError: 400 for more inputs than max_pending_rows, 503 while too many are
-                pending, or the error of a failed model call.
-        """
-        n, limit = len(work.inputs), self.options.max_pending_rows
-        if n > limit:
-            raise ApiError(400, f"{n} inputs in one request, over max_pending_rows ({limit}); split the request",
-                           "too_many_inputs")
-        if self.pending_rows + n > limit:
-            raise ApiError(503, f"overloaded: {self.pending_rows} inputs pending, limit {limit}; retry later",
-                           "overloaded")
-        self._pending(n)
-        try:
-            if self.options.batcher == "coalescer":
-                result = await self.coalescer.submit(work)
-            else:
-                result = await self._serve_batch(work)
-        finally:
-            self._pending(-n)
-        if isinstance(result, ApiError):
-            raise result
-        return result
-
-    def _pending(self, delta: int) -> None:
-        """Move the pending-rows count (and its gauge)."""
-        self.pending_rows += delta
-        self.metrics.pending_rows.set(self.pending_rows)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServeOptions in __init__
-    async def _serve_batch(self, works: list[Work]) -> list:
-        """batcher="serve.batch": Ray's batching (see actors/serve_batching.py for the difference)."""
-        return await self._run_batch(works)
-
-    async def _run_batch(self, works: list[Work]) -> list:
-        """Concurrent requests -> one mixed batch; runs the model in a worker thread."""
-        results, infos = await asyncio.to_thread(self.runner, works)
-        for info in infos:
-            self.stats.record(info)
-            self.metrics.batch(info)
-        return results
-
-    # -- adapter management -----------------------------------------------------------------
+            return self._answered(endpoint, e.reply(), started)
+        return await self._call(endpoint, started, "answer", endpoint, data)
 
     async def _manage(self, request: Request, endpoint: str) -> JSONResponse:
         """Load or unload an adapter of the store, when enabled."""
-        started, adapter_tag = time.perf_counter(), "unknown"
+        started = time.perf_counter()
         try:
             if not self.options.enable_adapter_management:
                 raise ApiError(404, f"/v1/{endpoint} is off; deploy with enable_adapter_management=true "
                                "(jobs/serve.py --enable-adapter-management) to load and unload adapters", "not_found")
             data = await read_json(request)
-            if endpoint == "load_lora_adapter":
-                name, status = await self._load(parse_body(LoadAdapterBody, data))
-            else:
-                name, status = await self._unload(parse_body(UnloadAdapterBody, data))
-            adapter_tag = name
         except ApiError as e:
-            self.metrics.answered(endpoint, adapter_tag, e.status, e.code, started)
-            return e.response()
-        self.metrics.answered(endpoint, adapter_tag, 200, None, started)
-        return JSONResponse({"object": "lora_adapter", "id": name, "status": status})
+            return self._answered(endpoint, e.reply(), started)
+        return await self._call(endpoint, started, "manage", endpoint, data)
 
-    async def _load(self, body: LoadAdapterBody) -> tuple[str, str]:
-        """Register store/lora_name; loading an adapter twice is a no-op."""
-        name = self._adapter_in_store(body.lora_name, body.lora_path)
-        if body.load_inplace:
-            raise ApiError(400, "load_inplace is not supported: unload the adapter, then load it", "unsupported")
-        if self.predictor.knows(name):
-            return name, "already_loaded"
+    async def _call(self, endpoint: str | None, started: float, method: str, *args: Any) -> JSONResponse:
+        """Call `method` of a model replica; a failed call (not a failed request) gets `model_failure`."""
         try:
-            await asyncio.to_thread(self.predictor.load_adapter, name)
-        except KeyError as e:
-            raise ApiError(404, f"no adapter folder {name!r} (with adapter_config.json) in the adapter store; "
-                           "copy it there first", "adapter_not_found") from e
-        except ValueError as e:
-            raise ApiError(400, str(e), "bad_adapter") from e
-        logger.info("loaded adapter %s", name)
-        return name, "loaded"
+            reply = await getattr(self.model, method).remote(*args)
+        except Exception as e:  # noqa: BLE001 - the replica died, the queue is full, or a bug: answered in JSON
+            reply = model_failure(e).reply()
+        return self._answered(endpoint, reply, started)
 
-    async def _unload(self, body: UnloadAdapterBody) -> tuple[str, str]:
-        """Forget an adapter; its later requests get 404."""
-        name = body.lora_name
-        if not self.predictor.knows(name):
-            raise ApiError(404, f"adapter {name[:200]!r} is not loaded", "adapter_not_found")
-        try:
-            await asyncio.to_thread(self.predictor.unload_adapter, name)
-        except KeyError as e:
-            raise ApiError(404, f"adapter {name!r} is not loaded", "adapter_not_found") from e
-        logger.info("unloaded adapter %s", name)
-        return name, "unloaded"
-
-    def _adapter_in_store(self, name: str, path: str | None) -> str:
-        """`name`, checked to be an adapter id whose folder (and `path`, if given) is inside the store.
-
-        Raises:
-            ApiError: 400 for a bad id, the base model's name, no store, or a path elsewhere.
-        """
-        if not is_valid_adapter_id(name):
-            raise ApiError(400, f"lora_name {name[:200]!r} must match {ADAPTER_ID_PATTERN.pattern}", "bad_adapter_id")
-        if name == self.base_name:
-            raise ApiError(400, f"lora_name {name!r} is the base model's name; pick another", "bad_adapter_id")
-        store = self.predictor.config.adapters
-        if store is None:
-            raise ApiError(400, "this deployment has no adapter store (start it with adapters=DIR)", "no_store")
-        if path is not None:
-            try:
-                inside = (Path(store) / path).resolve() == (Path(store) / name).resolve()
-            except (OSError, ValueError):
-                inside = False
-            if not inside:
-                raise ApiError(400, "lora_path must be the folder named lora_name inside the server's adapter "
-                               "store (or be omitted): adapters load only from the store", "path_outside_store")
-        return name
+    def _answered(self, endpoint: str | None, reply: Reply, started: float) -> JSONResponse:
+        """Count the answer (inference and adapter endpoints only) and render it."""
+        if endpoint is not None:
+            self.metrics.answered(endpoint, reply.adapter, reply.status, reply.code, started)
+        return reply.response()
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -307,11 +182,12 @@ def build_app(args: dict[str, Any]) -> Application:
             num_gpus, max_batch_size, ...). Strings are converted to the fields' types.
 
     Returns:
-        The bound deployment.
+        The ingress deployment, bound to the model deployment.
 
     Raises:
         ValueError: an unknown argument or a bad value (checked before any replica starts).
     """
     predictor_args, options = split_args(dict(args))
-    deployment = SwitchyardServer.options(**options.deployment_options())
-    return deployment.bind(predictor_args, options_dict(options))
+    model = SwitchyardModel.options(**options.deployment_options()).bind(predictor_args, options_dict(options))
+    task = predictor_args.get("task", PredictorConfig.task)
+    return SwitchyardIngress.options(**options.ingress_options()).bind(model, task, options_dict(options))

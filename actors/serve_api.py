@@ -1,8 +1,9 @@
-"""The HTTP side of the Serve deployment, without Ray: OpenAI-shaped request bodies, their
-translation into Predictor rows, responses and errors.
+"""The HTTP side of the Serve application, without Ray: OpenAI-shaped request bodies, their
+translation into Predictor rows, responses and errors (`Reply`: what a model replica answers,
+rendered into HTTP by the ingress).
 
 No `from __future__ import annotations` here: pydantic and FastAPI resolve these
-annotations at run time (FACTS.md: a FastAPI module with it answered 422 to every POST).
+annotations at run time (docs/pitfalls.md: a FastAPI module with it answered 422 to every POST).
 """
 
 import base64
@@ -19,7 +20,11 @@ import numpy as np
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-MAX_BODY_BYTES = 10 * 1024 * 1024  # SPEC.md "Security": bodies over 10 MiB get 413
+MAX_BODY_BYTES = 10 * 1024 * 1024  # docs/contract.md "Security": bodies over 10 MiB get 413
+# Deeper bodies get 400 before parsing: Python's JSON reader recurses once per level, and a body
+# nested 100,000 levels deep escaped it as a RecursionError (a 500). OpenAI's bodies nest < 10.
+MAX_JSON_DEPTH = 64
+RETRY_AFTER_S = 1
 Number = StrictInt | StrictFloat
 ROW_STATUS = {"unknown_adapter": 404, "empty_input": 400, "too_long": 400, "bad_image": 400, "bad_parameter": 400,
               "internal": 500}
@@ -43,8 +48,33 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         """The error as a JSON response (503 asks the client to retry after a second)."""
-        headers = {"Retry-After": "1"} if self.status == 503 else None
-        return JSONResponse(error_body(self.status, self.message, self.code), status_code=self.status, headers=headers)
+        return self.reply().response()
+
+    def reply(self, adapter: str = "unknown") -> "Reply":
+        """The error as a model replica's answer (`adapter`: the metrics' adapter tag)."""
+        return Reply(self.status, error_body(self.status, self.message, self.code), adapter, self.code)
+
+
+@dataclass
+class Reply:
+    """One request's answer, as a model replica hands it to the HTTP ingress.
+
+    Args:
+        status: HTTP status.
+        body: the JSON body.
+        adapter: the metrics' adapter tag: a known model name or "unknown".
+        code: the error code (None on success).
+    """
+
+    status: int
+    body: dict
+    adapter: str = "unknown"
+    code: str | None = None
+
+    def response(self) -> JSONResponse:
+        """The JSON response; a 503 asks the client to retry after RETRY_AFTER_S seconds."""
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(self.body, status_code=self.status, headers=headers)
 
 
 def error_body(status: int, message: str, code: str) -> dict:
@@ -135,13 +165,54 @@ async def read_json(request: Any, limit: int = MAX_BODY_BYTES) -> dict:
         body += chunk
         if len(body) > limit:
             raise _too_large(limit)
+    depth = json_depth(body) if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH else 0
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the body nests arrays and objects {depth} levels deep; at most {MAX_JSON_DEPTH} are "
+                       "accepted", "invalid_json")
     try:
         data = json.loads(body)
-    except ValueError as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: cannot happen below MAX_JSON_DEPTH; kept a 400
+        raise ApiError(400, f"the body is not valid JSON: {type(e).__name__}: {str(e)[:200]}", "invalid_json") from e
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}", "invalid_body")
     return data
+
+
+def json_depth(text: bytes) -> int:
+    """How deep `[` and `{` nest in a JSON text, brackets inside strings not counted.
+
+    Vectorised running sums in numpy, linear in the body's size: nothing recurses, and a
+    body nested 100,000 levels deep costs what a flat body of its size does. For text that
+    is not JSON (an unterminated string, unbalanced brackets) the number means little; such
+    a body is refused either way.
+
+    Args:
+        text: the raw body.
+
+    Returns:
+        The greatest nesting depth (0 for a scalar).
+    """
+    codes = np.frombuffer(bytes(text), dtype=np.uint8)
+    quotes = codes == ord('"')
+    quotes[_escaped_quotes(codes)] = False
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    closes = (codes == ord("]")) | (codes == ord("}"))
+    events = np.flatnonzero(quotes | opens | closes)  # in text order
+    outside = np.cumsum(quotes[events], dtype=np.int32) % 2 == 0  # a bracket after an even number of quotes
+    steps = opens[events].astype(np.int8) - closes[events].astype(np.int8)  # +1 opening, -1 closing, 0 quote
+    return int(np.cumsum(steps[outside], dtype=np.int32).max(initial=0))
+
+
+def _escaped_quotes(codes: np.ndarray) -> np.ndarray:
+    """Positions of the quotes that an odd run of backslashes escapes."""
+    slashes = np.flatnonzero(codes == ord("\\"))
+    if not len(slashes):
+        return slashes
+    breaks = np.diff(slashes) != 1
+    starts, ends = slashes[np.r_[True, breaks]], slashes[np.r_[breaks, True]]  # runs of backslashes
+    after = ends[(ends - starts) % 2 == 0] + 1  # after a run of odd length (ends - starts + 1)
+    after = after[after < len(codes)]
+    return after[codes[after] == ord('"')]
 
 
 def _too_large(limit: int) -> ApiError:
@@ -304,7 +375,7 @@ def embedding_response(model: str, rows: list[dict], encoding_format: str) -> di
 
 
 def classify_response(model: str, rows: list[dict]) -> dict:
-    """Switchyard's classification list (SPEC.md "Online")."""
+    """Switchyard's classification list (docs/contract.md "Online")."""
     return {
         "object": "list", "model": model,
         "data": [{"index": i, "label": r["label"], "label_id": r["label_id"], "scores": r["scores"]}

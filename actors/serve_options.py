@@ -1,7 +1,7 @@
-"""Settings of the Serve deployment, and how they arrive: `build_app(args)` (YAML values from
-`serve deploy`, strings from `serve run ... key=value`) and `jobs/serve.py`'s flags (`main`),
-both built from the fields of `PredictorConfig` and `ServeOptions`. Ray is imported only by
-`main`, torch not at all."""
+"""Settings of the Serve application (its model and ingress deployments), and how they
+arrive: `build_app(args)` (YAML values from `serve deploy`, strings from `serve run ...
+key=value`) and `jobs/serve.py`'s flags (`main`), both built from the fields of
+`PredictorConfig` and `ServeOptions`. Ray is imported only by `main`, torch not at all."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ class ServeOptions:
             close on a timer while the model is busy: smaller batches under load).
         max_ongoing_requests: requests a replica admits at once (None: 4 x max_batch_size);
             must be >= max_batch_size, or batches never fill.
-        max_queued_requests: requests Serve queues for busy replicas before answering 503
-            itself (-1: no limit).
+        max_queued_requests: requests queued for busy model replicas (per ingress replica)
+            before a 503 `overloaded` (-1: no limit).
         max_pending_rows: inputs admitted into a replica and not yet answered; past it a
             request gets 503 (OpenAI shape). A request with more inputs gets 400.
         enable_adapter_management: serve /v1/load_lora_adapter and /v1/unload_lora_adapter.
@@ -83,12 +83,28 @@ class ServeOptions:
         return max(1, int(self.num_cpus)) if self.num_gpus == 0 else None
 
     def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments of `Deployment.options(...)`."""
+        """Keyword arguments of the model deployment's `options(...)`."""
         return {
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "logging_config": {"enable_access_log": self.access_log},
+        }
+
+    def ingress_options(self) -> dict[str, Any]:
+        """Keyword arguments of the HTTP ingress deployment's `options(...)`: as many replicas
+        as the model, no CPU reserved (it reads bodies and waits on the model replicas), and
+        room for every request the model replicas admit plus those queued for them, so that
+        requests wait at the model deployment's handle, whose overflow the ingress answers
+        with a 503 in JSON."""
+        admitted = self.num_replicas * self.max_ongoing_requests
+        queued = self.max_queued_requests if self.max_queued_requests > 0 else admitted
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": admitted + queued,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": 0},
             "logging_config": {"enable_access_log": self.access_log},
         }
 

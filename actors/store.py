@@ -14,7 +14,7 @@ CONFIG_FILE = "adapter_config.json"
 
 
 def is_valid_adapter_id(adapter_id: object) -> bool:
-    """True when `adapter_id` is a string matching SPEC.md's adapter-id pattern."""
+    """True when `adapter_id` is a string matching the adapter-id pattern (docs/contract.md "Security")."""
     return isinstance(adapter_id, str) and ADAPTER_ID_PATTERN.fullmatch(adapter_id) is not None
 
 

@@ -1,4 +1,4 @@
-"""Mixed-batch cost relative to the bare base model (SPEC.md "Performance").
+"""Mixed-batch cost relative to the bare base model (docs/contract.md "Performance").
 
 For k = 1, 8, 32, 64 distinct adapters per batch: max(32, k) rows of 64 tokens through
   - base:  transformers' generate(max_new_tokens=1) with the bare base model,

@@ -1,4 +1,4 @@
-"""End-to-end job throughput vs the same Predictor in a plain loop (SPEC.md "Performance").
+"""End-to-end job throughput vs the same Predictor in a plain loop (docs/contract.md "Performance").
 
 Builds a BERT encoder (hidden 256, 4 layers) with 8 LoRA adapters and N rows (default
 30,000) of mixed-adapter texts, then in one run:

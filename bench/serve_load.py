@@ -1,5 +1,5 @@
 """Online load: the Serve deployment under a bounded loopback load vs the same Predictor in a
-plain loop (SPEC.md "Online", "Performance").
+plain loop (docs/contract.md "Online", "Performance").
 
 Builds testkit's small Llama with --adapters LoRA adapters (r=16 on every linear layer),
 deploys it on a local Ray (one replica, 1 CPU, 1 torch thread) behind 127.0.0.1, and sends

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
+from actors.config import output_schema
 from pipeline.config import JobConfig
-from pipeline.read import open_input, read_input
+from pipeline.read import InputFiles, open_input, read_input
 from pipeline.validate import validate_job
-from pipeline.write import prepare_output, write_output
+from pipeline.write import (Output, OutputWriteError, check_output, clear_output, mark_complete, os_error,
+                            publish_files, write_empty, write_output)
 
 logger = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,28 +45,53 @@ class Summary:
             f"rows/s: {rate:.1f}",
         ]
 
+    def as_dict(self) -> dict:
+        """The summary as JSON-ready values (written into `_SUCCESS`)."""
+        rate = self.rows_out / self.seconds if self.seconds else 0.0
+        return {**dataclasses.asdict(self), "rows_per_second": round(rate, 3)}
+
 
 def run(config: JobConfig) -> Summary:
-    """Run the whole job; raises ValueError (before any model work) for up-front problems."""
-    input_data = open_input(config.input)
-    validate_job(config, input_data.schema)
-    prepare_output(config.output, config.overwrite)
-    started = time.perf_counter()
+    """Run the whole job.
+
+    Every up-front check (input, options, model, store, output location, resources) runs
+    before anything is deleted or any model work starts.
+
+    Raises:
+        ValueError: an up-front problem (one line).
+        OutputWriteError: writing or committing the output failed mid-run.
+    """
+    input_files = open_input(config.input)
+    validate_job(config, input_files)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)
+    output = check_output(config.output, config.overwrite)
+    if config.overwrite:
+        clear_output(output)
+    started = time.perf_counter()
+    if input_files.rows == 0:  # Ray Data writes no file for an empty dataset: write the schema ourselves
+        write_empty(output, output_schema(config.task, input_files.schema))
+    else:
+        _infer_on_ray(config, input_files, output, joined)
+    publish_files(output)
+    summary = summarize(config.output, input_files.rows)
+    summary.seconds = time.perf_counter() - started
+    mark_complete(output, summary.as_dict())
+    return summary
+
+
+def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool) -> None:
+    """read -> infer -> write (into the output's staging folder) on Ray Data."""
     init_ray()
     if joined:
         import ray
 
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
-    dataset = read_input(config.input, len(input_data.files), min_blocks=2 * config.concurrency)
+    dataset = read_input(config.input, len(input_files.files), min_blocks=2 * config.concurrency)
     from pipeline.infer import infer
 
-    write_output(infer(dataset, config), config.output)
-    summary = summarize(config.output, input_data.count_rows())
-    summary.seconds = time.perf_counter() - started
-    return summary
+    write_output(infer(dataset, config), output)
 
 
 def init_ray() -> None:
@@ -78,12 +106,13 @@ def init_ray() -> None:
         pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     _progress_bars()
+    _quiet_storage_tracebacks()
 
 
 def check_resources(config: JobConfig, total: float, strict: bool) -> None:
     """Refuse (`strict`, a local Ray) or warn (a joined cluster, which may autoscale) when the
     actor pool takes every CPU: Ray Data's read and write tasks would never run and the job
-    would hang silently (FACTS.md)."""
+    would hang silently (docs/pitfalls.md "Ray Data")."""
     taken = config.concurrency * config.actor_cpus
     if config.num_gpus or total - taken >= 1:
         return
@@ -94,6 +123,30 @@ def check_resources(config: JobConfig, total: float, strict: bool) -> None:
         logger.warning(message)
         return
     raise ValueError(message)
+
+
+class _StorageTracebackFilter(logging.Filter):
+    """Drops the traceback (not the line) Ray Data logs on the terminal for a write that failed
+    on storage (a full disk): the job ends with its own one line naming the path, and the
+    session's log file keeps the whole trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_storage_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _is_storage_error(error: BaseException | None) -> bool:
+    """Whether `error` comes from an OSError with an errno (ENOSPC, EROFS, EACCES, ...)."""
+    cause = os_error(error) if error is not None else None
+    return cause is not None and bool(cause.errno)
+
+
+def _quiet_storage_tracebacks() -> None:
+    """Install `_StorageTracebackFilter` on Ray Data's terminal handlers."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_StorageTracebackFilter())
 
 
 def _progress_bars() -> None:
@@ -127,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"batch_infer: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:
+        print(f"batch_infer: error: {e}", file=sys.stderr)
+        return 1
     print("Switchyard batch job done: " + config.output)
     for line in summary.lines():
         print("  " + line)

@@ -10,6 +10,8 @@ import pyarrow as pa
 from actors.config import INPUT_COLUMNS, PredictorConfig
 from actors.store import AdapterStore
 from pipeline.config import JobConfig
+from pipeline.paths import check_not_overlapping
+from pipeline.read import InputFiles
 
 
 def required_columns(task: str) -> list[str]:
@@ -17,8 +19,9 @@ def required_columns(task: str) -> list[str]:
     return [INPUT_COLUMNS[task]]
 
 
-def validate_job(config: JobConfig, schema: pa.Schema) -> list[str]:
-    """Check the model folder, adapter store and input schema; returns the adapter ids.
+def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
+    """Check the model folder, adapter store, input schema and where the output goes;
+    returns the adapter ids.
 
     Raises:
         ValueError: the first problem found.
@@ -26,7 +29,13 @@ def validate_job(config: JobConfig, schema: pa.Schema) -> list[str]:
     PredictorConfig(**config.predictor_kwargs())  # every model option, as each actor will check it
     check_processor_files(config.model, config.task)
     adapter_ids = AdapterStore(config.adapters).ids() if config.adapters else []
-    validate_columns(config.task, schema)
+    validate_columns(config.task, input_files.schema)
+    for path, schema in zip(input_files.files, input_files.file_schemas):
+        missing = [c for c in required_columns(config.task) if c not in schema.names]
+        if missing:
+            raise ValueError(f"input file {path!r} has no {missing[0]!r} column, which task {config.task!r} reads")
+    check_not_overlapping(config.output, {"input": config.input, "model folder": config.model,
+                                          "adapter store": config.adapters})
     return adapter_ids
 
 

@@ -1,4 +1,4 @@
-"""The oracle: PEFT itself, one adapter at a time, each row alone (SPEC.md "Correctness")."""
+"""The oracle: PEFT itself, one adapter at a time, each row alone (docs/contract.md "Correctness")."""
 
 from __future__ import annotations
 
@@ -31,14 +31,17 @@ def processor(model_dir: str, task: str):
     return transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0.0, top_p=1.0, seed=None):
-    """(generated_text, num_generated_tokens, finish_reason) of one row, PEFT alone."""
+def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0.0, top_p=1.0, seed=None, top_k=0,
+             repetition_penalty=1.0):
+    """(generated_text, num_generated_tokens, finish_reason) of one row, PEFT alone, every
+    sampling parameter passed explicitly."""
     tok, model = processor(model_dir, "generate"), oracle_model(model_dir, store, adapter, "generate")
     enc = tok(prompt, return_tensors="pt")
-    kwargs = {"do_sample": False}
+    kwargs = {"do_sample": False, "repetition_penalty": repetition_penalty}
     if temperature > 0:
         torch.manual_seed(seed)
-        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                  "repetition_penalty": repetition_penalty}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                              **kwargs)
@@ -83,6 +86,6 @@ def embedding(model_dir, store, adapter, text, normalize=False) -> list[float]:
 
 
 def assert_close(actual, expected, atol=ATOL, what=""):
-    """Max abs difference <= atol (SPEC.md: 1e-4 in float32)."""
+    """Max abs difference <= atol (docs/contract.md: 1e-4 in float32)."""
     diff = (torch.tensor(actual, dtype=torch.float64) - torch.tensor(expected, dtype=torch.float64)).abs().max().item()
     assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol}"

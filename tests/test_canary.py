@@ -151,8 +151,8 @@ def test_load_adapter_runs_the_canary_and_drops_a_failing_adapter(llama, tmp_pat
     shutil.copytree(f"{store}/vera", tmp_path / "store" / "vera")
     original = actors.canary._compare
 
-    def broken(mixed, alone, adapter, dtype):
-        original(mixed + (1.0 if adapter == "vera" else 0.0), alone, adapter, dtype)
+    def broken(mixed, alone, base, adapter, dtype):
+        original(mixed + (1.0 if adapter == "vera" else 0.0), alone, base, adapter, dtype)
 
     monkeypatch.setattr(actors.canary, "_compare", broken)
     with pytest.raises(ValueError, match="rows of adapter 'vera' in a mixed batch differ"):

@@ -1,5 +1,5 @@
 """Everything Switchyard must refuse, up front and with a message naming what is wrong
-(SPEC.md "Correctness", "Security", "Python API"): adapter types and options it cannot
+(docs/contract.md "Correctness", "Security"): adapter types and options it cannot
 route, pickle or corrupt weights, adapters for another base, bad store folders, bad
 options and bad model folders. Silently wrong output is the defect these guard against."""
 
@@ -149,6 +149,18 @@ def test_corrupt_safetensors_is_refused(llama, tmp_path, damage):
         _load(model, tmp_path / "store")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_refused_as_such(llama, tmp_path, bad):
+    model, good_store = llama
+    file = _copy(good_store, "lora-qv", tmp_path / "store", "diverged") / WEIGHTS
+    tensors = load_file(str(file))
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = bad
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=rf"adapter 'diverged': its weights are not finite \(NaN or inf in {key}\)"):
+        _load(model, tmp_path / "store")
+
+
 # --- adapters trained for another base -------------------------------------------------
 
 def test_adapter_for_another_hidden_size_is_refused_naming_module(llama, tmp_path):
@@ -289,7 +301,8 @@ BAD_OPTIONS = [
     ("device", "tpu", r"device \('tpu'\) must be auto, cpu, cuda or cuda:N"),
     ("max_new_tokens", 0, r"max_new_tokens \(0\) must be an integer >= 1"),
     ("max_new_tokens", "8", r"max_new_tokens \('8'\) must be an integer >= 1"),
-    ("temperature", -1.0, r"temperature \(-1\.0\) must be >= 0"),
+    ("temperature", -1.0, r"temperature \(-1\.0\) must be a finite number >= 0"),
+    ("temperature", float("inf"), r"temperature \(inf\) must be a finite number >= 0"),
     ("top_p", 0, r"top_p \(0\) must be in \(0, 1\]"),
     ("top_p", 1.5, r"top_p \(1\.5\) must be in \(0, 1\]"),
     ("max_loaded_adapters", 0, r"max_loaded_adapters \(0\) must be >= 1"),

@@ -224,6 +224,14 @@ def test_stop_string_ends_the_completion(gen, client):
     assert (choice["text"], choice["finish_reason"]) == (full[: full.find(stop)], "stop")
 
 
+def _nested(levels: int) -> dict:
+    """A JSON object nested `levels` deep."""
+    value: dict = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
 @pytest.mark.parametrize("body, code", [
     (b"{not json", "invalid_json"),
     (b"[1, 2]", "invalid_body"),
@@ -239,11 +247,22 @@ def test_stop_string_ends_the_completion(gen, client):
     ({"model": "lora-qv", "prompt": "x", "colour": "red"}, "invalid_body"),
     ({"model": "lora-qv", "prompt": "x", "max_tokens": 500}, "too_long"),
     ({"model": "lora-qv", "prompt": ["x"] * 25}, "too_many_inputs"),  # over max_pending_rows
+    (b"[" * 100_000, "invalid_json"),  # nested deeper than the JSON reader recurses: 400, not a 500
+    (b'{"model": "lora-qv", "prompt": "x", "logit_bias": ' + b'{"a": ' * 64 + b"1" + b"}" * 65, "invalid_json"),
+    ({"model": "lora-qv", "prompt": "x", "stream_options": _nested(63)}, "unsupported"),  # 64 levels: parsed
 ], ids=lambda v: None if isinstance(v, (dict, bytes)) else v)
 def test_bad_bodies_get_400(gen, client, body, code):
     url = f"{gen.url}/v1/completions"
     response = client.post(url, content=body) if isinstance(body, bytes) else client.post(url, json=body)
     assert _assert_error(response, 400, code)["type"] == "invalid_request_error"
+
+
+def test_deep_nesting_gets_400_in_json_not_a_500(gen, client):
+    for body in (b"[" * 100_000, b'{"model": "lora-qv", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        response = client.post(f"{gen.url}/v1/completions", content=body)
+        assert response.headers["content-type"] == "application/json"
+        error = _assert_error(response, 400, "invalid_json")
+        assert re.search(r"nests arrays and objects 10000[01] levels deep; at most 64", error["message"]), error
 
 
 def test_unknown_model_and_other_tasks_get_404(gen, client):

@@ -1,31 +1,57 @@
 """Text generation: transformers' `generate` with per-row stopping and per-row sampling.
 
 Greedy rows are transformers' own greedy search. A sampled row draws from its own
-generator seeded with the job's seed, after the same temperature and top-p warping
+generator seeded with the job's seed, after the same temperature, top-k and top-p warping
 transformers applies, so its tokens equal `torch.manual_seed(seed); generate(do_sample=True)`
 on that row alone, whatever else shares the batch.
+
+The model's generation_config.json fills what Switchyard has no setting for, as transformers
+fills what a `generate` call leaves unset: its `repetition_penalty` (every row; transformers
+skips each row's left padding) and its `top_k` (sampled rows). Switchyard's own settings
+(temperature, top_p, max_new_tokens) always win, so the file's `do_sample`, `temperature` and
+`top_p` never apply: rows are greedy unless their temperature is > 0. Any other decoding field
+of the file is not applied (a warning names it): `take_model_defaults`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import random
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
-from transformers import StoppingCriteriaList, TopPLogitsWarper
+from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
-from actors.config import INPUT_COLUMNS
+from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
-GENERATE_SCHEMA = pa.schema([
-    ("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
-    ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()),
-])
+GENERATE_SCHEMA = TASK_OUTPUTS["generate"]
+logger = logging.getLogger(__name__)
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+JOB_FIELDS = ("do_sample", "temperature", "top_p", "max_length", "max_new_tokens")  # Switchyard's settings win
+# Fields of generation_config.json that do not change which tokens come out.
+BOOKKEEPING_FIELDS = ("transformers_version", "_from_model_config", "use_cache", "cache_implementation",
+                      "cache_config", "max_cache_len", "compile_config", "disable_compile", "prefill_chunk_size",
+                      "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                      "return_dict_in_generate")
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """The fields of the model's generation_config.json that Switchyard applies.
+
+    Args:
+        repetition_penalty: applied to every row, greedy ones included (1.0: off).
+        top_k: applied to sampled rows (0: off).
+    """
+
+    repetition_penalty: float = 1.0
+    top_k: int = 0
 
 
 class GenerateTask(TextTask):
@@ -43,6 +69,7 @@ class GenerateTask(TextTask):
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else processor.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.defaults = take_model_defaults(model)
 
     def encode(self, value: Any, params: dict) -> Encoded:
         params = _row_parameters(params, self.config)
@@ -65,11 +92,11 @@ class GenerateTask(TextTask):
         stop = self.config.stop
         generation = GenerationConfig(
             max_new_tokens=max(limits), do_sample=False, num_beams=1, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids) or None,
+            eos_token_id=sorted(self.eos_ids) or None, repetition_penalty=self.defaults.repetition_penalty,
         )
         processors = LogitsProcessorList()
         if any(t > 0 for t in temperatures):
-            processors.append(RowSampler(temperatures, self.config.top_p, self.config.seed))
+            processors.append(RowSampler(temperatures, self.config.top_p, self.config.seed, self.defaults.top_k))
         stopping = StoppingCriteriaList([RowStopper(ids.shape[1], limits, stop, self.processor)])
         sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
                                         logits_processor=processors, stopping_criteria=stopping)
@@ -104,17 +131,69 @@ def _cut_at_stop(tokens: list[int], stop: list[str], tokenizer) -> tuple[list[in
 def _row_parameters(params: dict, config) -> dict:
     """max_new_tokens / temperature of one row: its own columns when set, else the job's."""
     out = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature}
-    value = params.get("max_new_tokens")
-    if not is_missing(value):
-        if not _is_number(value) or not float(value).is_integer() or value < 1:
+    value = params.get("max_new_tokens")  # NaN is a value here, not a null: refused like inf
+    if value is not None:
+        if not _is_number(value) or not math.isfinite(value) or not float(value).is_integer() or value < 1:
             raise RowError("bad_parameter", f"max_new_tokens ({value!r}) must be an integer >= 1")
         out["max_new_tokens"] = int(value)
     value = params.get("temperature")
-    if not is_missing(value):
+    if value is not None:
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise RowError("bad_parameter", f"temperature ({value!r}) must be a number >= 0")
         out["temperature"] = float(value)
     return out
+
+
+def take_model_defaults(model) -> ModelDefaults:
+    """Read what Switchyard applies from the model's generation config, and leave the model
+    only its token ids, so that `generate` fills nothing else in (transformers fills every
+    field a call leaves unset from it).
+
+    Args:
+        model: the loaded causal LM; its `generation_config` is replaced.
+
+    Returns:
+        The file's repetition_penalty and top_k.
+
+    Raises:
+        ValueError: a repetition_penalty or top_k that transformers would refuse.
+    """
+    source = model.generation_config
+    defaults = ModelDefaults(_file_value(source, "repetition_penalty", 1.0), _file_value(source, "top_k", 0))
+    if source.do_sample:
+        logger.info("generation_config.json asks for sampling (temperature %s, top_p %s); Switchyard samples only "
+                    "rows whose temperature is > 0 (--temperature, --top-p), the others stay greedy",
+                    source.temperature, source.top_p)
+    ignored = _ignored_fields(source)
+    if ignored:
+        logger.warning("generation_config.json sets %s, which Switchyard does not apply (it applies only "
+                       "repetition_penalty, top_k and the token ids; see README)", ", ".join(ignored))
+    model.generation_config = GenerationConfig(**{k: getattr(source, k) for k in TOKEN_FIELDS
+                                                  if getattr(source, k, None) is not None})
+    return defaults
+
+
+def _file_value(config: GenerationConfig, name: str, off: float | int) -> float | int:
+    """repetition_penalty (a float > 0) or top_k (an integer >= 0) of the file, `off` when unset."""
+    value = getattr(config, name, None)
+    if value is None:
+        return off
+    if name == "top_k":
+        ok = _is_number(value) and float(value).is_integer() and value >= 0
+    else:
+        ok = _is_number(value) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ValueError(f"the model's generation_config.json has {name} {value!r}; it must be "
+                         f"{'an integer >= 0' if name == 'top_k' else 'a number > 0'}: fix or remove it")
+    return int(value) if name == "top_k" else float(value)
+
+
+def _ignored_fields(config: GenerationConfig) -> list[str]:
+    """Decoding fields the file sets to other than transformers' defaults, which Switchyard ignores."""
+    library = getattr(config, "_get_default_generation_params", dict)()  # transformers 5: its global defaults
+    handled = {*TOKEN_FIELDS, *JOB_FIELDS, *BOOKKEEPING_FIELDS, "repetition_penalty", "top_k"}
+    return sorted(f"{k}={v!r}" for k, v in config.to_diff_dict().items()
+                  if k not in handled and v is not None and v != library.get(k))
 
 
 def _is_number(value: Any) -> bool:
@@ -123,11 +202,20 @@ def _is_number(value: Any) -> bool:
 
 
 class RowSampler(LogitsProcessor):
-    """Samples each row with temperature > 0 from its own seeded generator; the chosen token
-    is left as the only finite score, so greedy search picks it."""
+    """Samples each row with temperature > 0 from its own seeded generator, after
+    temperature, top-k and top-p in transformers' order; the chosen token is left as the only
+    finite score, so greedy search picks it.
 
-    def __init__(self, temperatures: list[float], top_p: float, seed: int | None) -> None:
+    Args:
+        temperatures: per row (0: the row stays greedy).
+        top_p: nucleus sampling (1: off).
+        seed: every sampled row's generator seed (None: a random one per row).
+        top_k: keep the k most likely tokens (0: off).
+    """
+
+    def __init__(self, temperatures: list[float], top_p: float, seed: int | None, top_k: int = 0) -> None:
         self.temperatures = temperatures
+        self.top_k = TopKLogitsWarper(top_k) if top_k > 0 else None
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1 else None
         self.seed = seed
         self.generators: dict[int, torch.Generator] = {}
@@ -144,6 +232,8 @@ class RowSampler(LogitsProcessor):
             if temperature <= 0:
                 continue
             row = scores[i : i + 1] / temperature  # [1, V]
+            if self.top_k is not None:
+                row = self.top_k(input_ids[i : i + 1], row)
             if self.top_p is not None:
                 row = self.top_p(input_ids[i : i + 1], row)
             probs = torch.softmax(row, dim=-1)

@@ -11,16 +11,20 @@ import torch
 
 from actors.config import INPUT_COLUMNS
 from actors.tasks.base import Encoded, RowError, Task, is_missing
-from actors.tasks.text import CLASSIFY_SCHEMA, label_rows
+from actors.tasks.text import CLASSIFY_SCHEMA, label_rows, score_function
 
 
 class ClassifyImageTask(Task):
-    """label, label_id, softmax scores per image."""
+    """label, label_id, scores per image (softmax, sigmoid or the logits, as ClassifyTask)."""
 
     name = "classify-image"
     input_column = INPUT_COLUMNS["classify-image"]
     auto_class = "AutoModelForImageClassification"
     output_schema = CLASSIFY_SCHEMA
+
+    def __init__(self, model, processor, config) -> None:
+        super().__init__(model, processor, config)
+        self.score_function = score_function(model.config)
 
     def encode(self, value: Any, params: dict) -> Encoded:
         from PIL import Image, UnidentifiedImageError
@@ -45,7 +49,7 @@ class ClassifyImageTask(Task):
         return self.model(pixel_values=pixels).logits.float()  # [B, labels]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
-        return label_rows(self.forward(rows), self.model.config.id2label)
+        return label_rows(self.forward(rows), self.model.config.id2label, self.score_function)
 
     def synthetic(self, n: int, seed: int) -> list[Encoded]:
         """`n` random RGB images."""

@@ -1,17 +1,22 @@
-"""Text tasks on a tokenizer: classify (sequence classification) and embed (mean pooling)."""
+"""Text tasks on a tokenizer: classify (sequence classification) and embed (pooled as the
+folder's sentence-transformers files say)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from actors.config import INPUT_COLUMNS
+from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
+from actors.embedding import embedding_spec
 from actors.tasks.base import Encoded, RowError, Task, context_length, is_missing, pad_ids
+from actors.tasks.pooling import pool
 
-CLASSIFY_SCHEMA = pa.schema([("label", pa.string()), ("label_id", pa.int64()), ("scores", pa.list_(pa.float32()))])
+logger = logging.getLogger(__name__)
+
+CLASSIFY_SCHEMA = TASK_OUTPUTS["classify"]
+SCORE_FUNCTIONS = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid, "none": lambda x: x}
 
 
 class TextTask(Task):
@@ -32,6 +37,8 @@ class TextTask(Task):
         if not isinstance(value, str):
             raise RowError("bad_parameter", f"{self.input_column} must be a string, got {type(value).__name__}")
         ids = self.processor(value)["input_ids"]
+        if not ids:  # nothing to pool or classify (a tokenizer without special tokens)
+            raise RowError("empty_input", f"{self.input_column} tokenizes to no tokens")
         self._check_length(len(ids), 0)
         return Encoded(ids, params)
 
@@ -52,7 +59,8 @@ class TextTask(Task):
 
 
 class ClassifyTask(TextTask):
-    """Sequence classification: label, label_id, softmax scores."""
+    """Sequence classification: label, label_id, scores (softmax, sigmoid or the logits, by
+    the model's problem_type: see `score_function`)."""
 
     name = "classify"
     auto_class = "AutoModelForSequenceClassification"
@@ -62,36 +70,83 @@ class ClassifyTask(TextTask):
         super().__init__(model, processor, config)
         if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by it
             model.config.pad_token_id = self.pad_id
+        self.score_function = score_function(model.config)
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
         return self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, labels]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
-        return label_rows(self.forward(rows), self.model.config.id2label)
+        return label_rows(self.forward(rows), self.model.config.id2label, self.score_function)
 
 
 class EmbedTask(TextTask):
-    """Mean of the last hidden state over the attention mask (optionally unit length)."""
+    """The last hidden state pooled as the folder's sentence-transformers files say (mean
+    over the attention mask without them), then unit length if they or the options say so."""
 
     name = "embed"
     auto_class = "AutoModel"
-    output_schema = pa.schema([("embedding", pa.list_(pa.float32()))])
+    output_schema = TASK_OUTPUTS["embed"]
+
+    def __init__(self, model, processor, config) -> None:
+        super().__init__(model, processor, config)
+        self.spec = embedding_spec(config.model, config.pooling, config.normalize)
+        logger.info("embed pooling: %s (%s), normalize %s", "+".join(self.spec.modes), self.spec.source,
+                    self.spec.normalize)
+
+    def _check_length(self, n_input: int, n_new: int) -> None:
+        """Also refuse rows over sentence-transformers' max_seq_length, which it would truncate."""
+        limit = self.spec.max_length
+        if limit is not None and n_input > limit:
+            raise RowError("too_long", f"{n_input} input tokens exceed the max_seq_length of {limit} in the model "
+                           "folder's sentence_bert_config.json (sentence-transformers would truncate the text)")
+        super()._check_length(n_input, n_new)
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, T, H]
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, H]
-        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+        return pool(hidden, mask, self.spec)  # [B, H * modes]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         return [{"embedding": e} for e in self.forward(rows).cpu().tolist()]
 
 
-def label_rows(logits: torch.Tensor, id2label: dict) -> list[dict]:
-    """label / label_id / scores per row from classification logits [B, labels]."""
-    scores = torch.softmax(logits.float(), dim=-1).cpu()
+def score_function(model_config) -> str:
+    """The function from logits to scores, as transformers' text- and image-classification
+    pipelines pick it by default: none (the logits) for problem_type regression; sigmoid for
+    multi_label_classification or a single logit; softmax otherwise.
+
+    Args:
+        model_config: the model's PretrainedConfig (problem_type, num_labels).
+
+    Returns:
+        A key of SCORE_FUNCTIONS.
+    """
+    problem = getattr(model_config, "problem_type", None)
+    if problem == "regression":
+        return "none"
+    if problem == "multi_label_classification" or model_config.num_labels == 1:
+        return "sigmoid"
+    if problem == "single_label_classification" or model_config.num_labels > 1:
+        return "softmax"
+    named = getattr(model_config, "function_to_apply", None)  # the pipeline's last resort
+    named = str(getattr(named, "value", named)).lower()
+    return named if named in SCORE_FUNCTIONS else "none"
+
+
+def label_rows(logits: torch.Tensor, id2label: dict, function: str = "softmax") -> list[dict]:
+    """label / label_id / scores per row from classification logits.
+
+    Args:
+        logits: [B, labels].
+        id2label: the model config's label names.
+        function: a key of SCORE_FUNCTIONS (see `score_function`).
+
+    Returns:
+        One dict per row: `scores` (the function of the logits), `label_id` (the argmax of
+        the scores, as the pipeline's top-1) and `label` (its id2label name).
+    """
+    scores = SCORE_FUNCTIONS[function](logits.float()).cpu()
     out = []
     for row in scores:
         label_id = int(row.argmax())

@@ -1,0 +1,250 @@
+"""The model side of the Serve application: `SwitchyardModel`, a deployment whose replicas
+each hold a `Predictor` and coalesce concurrent requests into mixed batches. It speaks no
+HTTP: the ingress (actors/serve.py) reads and parses each body and calls it through a
+deployment handle with the parsed JSON; every method answers a `Reply` (status, JSON body)
+that the ingress renders. A replica that dies mid-request therefore fails only the handle
+call, which the ingress, in another process, answers with a 503 in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from actors.serve_api import (
+    ApiError, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, Reply, UnloadAdapterBody, Work,
+    base_model_name, classify_response, completion_response, completion_work, embedding_response, image_work,
+    models_response, parse_body, row_error, text_work,
+)
+from actors.serve_batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
+from actors.serve_options import ServeOptions
+from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
+
+logger = logging.getLogger(__name__)
+SCHEMAS = {"completions": CompletionBody, "embeddings": EmbeddingBody, "classify": ClassifyBody}
+INPUT_NAMES = {"completions": "prompt", "embeddings": "input", "classify": "input"}
+
+
+@serve.deployment(name="SwitchyardModel")
+class SwitchyardModel:
+    """One replica: a Predictor (base model + every adapter of the store) and its batching.
+
+    Args:
+        predictor_args: keyword arguments of `Predictor` (model, adapters, task, options).
+        options: `ServeOptions` fields, as a dict.
+    """
+
+    def __init__(self, predictor_args: dict, options: dict) -> None:
+        from actors.predictor import Predictor  # torch and transformers load in replicas only
+
+        self.options = ServeOptions(**options)
+        self.predictor = Predictor(**predictor_args)
+        self.task = self.predictor.config.task
+        self.runner = BatchRunner(self.predictor)
+        self.base_name = base_model_name(predictor_args["model"])
+        self.created = int(time.time())
+        self.batch_stats = BatchStats()
+        self.metrics = ServeMetrics()
+        self.pending_rows = 0
+        self.coalescer = Coalescer(self._run_batch, self.options.max_batch_size, self.options.batch_wait_timeout_s)
+        self._serve_batch.set_max_batch_size(self.options.max_batch_size)
+        self._serve_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+        if self.base_name in self.predictor.adapter_ids:
+            logger.warning("adapter %r has the base model's name; requests for that name get the base model",
+                           self.base_name)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose model call failed fatally is restarted."""
+        if self.runner.broken is not None:
+            raise RuntimeError(f"replica unusable after a fatal model error: {self.runner.broken!r}")
+        if not self.coalescer.alive:
+            raise RuntimeError("the batching task stopped; requests would wait forever")
+
+    # -- what the ingress calls -------------------------------------------------------------
+
+    async def models(self) -> Reply:
+        """GET /v1/models: the base model and every adapter (OpenAI's list shape)."""
+        return Reply(200, models_response(self.base_name, self.predictor.adapter_ids, self.created))
+
+    async def stats(self) -> Reply:
+        """GET /v1/stats: this replica's batching counters (cheap; for tests and dashboards)."""
+        replica = serve.get_replica_context().replica_id.unique_id
+        return Reply(200, {**self.batch_stats.summary(), "pending_rows": self.pending_rows, "task": self.task,
+                           "replica": replica})
+
+    async def answer(self, endpoint: str, data: dict) -> Reply:
+        """One inference request: validate, admit, run in a coalesced batch, render.
+
+        Args:
+            endpoint: "completions", "embeddings" or "classify" (the ingress checked the task).
+            data: the request's JSON object.
+
+        Returns:
+            The response, or an error in OpenAI's shape.
+        """
+        adapter_tag = "unknown"
+        try:
+            body = parse_body(SCHEMAS[endpoint], data)
+            adapter = self._resolve(body.model)
+            adapter_tag = body.model
+            rows = await self._submit(self._work(endpoint, body, adapter))
+            error = row_error(rows, INPUT_NAMES[endpoint])
+            if error is not None:
+                raise error
+            return Reply(200, self._render(endpoint, body, rows), adapter_tag)
+        except ApiError as e:
+            return e.reply(adapter_tag)
+
+    async def manage(self, endpoint: str, data: dict) -> Reply:
+        """POST /v1/load_lora_adapter or /v1/unload_lora_adapter (the ingress checked that
+        adapter management is on).
+
+        Args:
+            endpoint: "load_lora_adapter" or "unload_lora_adapter".
+            data: the request's JSON object.
+
+        Returns:
+            `{"object": "lora_adapter", "id", "status"}`, or an error in OpenAI's shape.
+        """
+        try:
+            if endpoint == "load_lora_adapter":
+                name, status = await self._load(parse_body(LoadAdapterBody, data))
+            else:
+                name, status = await self._unload(parse_body(UnloadAdapterBody, data))
+        except ApiError as e:
+            return e.reply()
+        return Reply(200, {"object": "lora_adapter", "id": name, "status": status}, name)
+
+    # -- inference requests -----------------------------------------------------------------
+
+    def _resolve(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model).
+
+        Raises:
+            ApiError: 404 for a name that is neither the base model nor an adapter.
+        """
+        if model == self.base_name:
+            return None
+        if self.predictor.knows(model):
+            return model
+        raise ApiError(404, f"model {model[:200]!r} does not exist here; GET /v1/models lists the base model "
+                       f"({self.base_name!r}) and every adapter", "model_not_found")
+
+    def _work(self, endpoint: str, body: Any, adapter: str | None) -> Work:
+        """The request's rows."""
+        if endpoint == "completions":
+            return completion_work(body, adapter, self.predictor.config)
+        if self.task == "classify-image":
+            return image_work(body, adapter)
+        return text_work(body, adapter)
+
+    def _render(self, endpoint: str, body: Any, rows: list[dict]) -> dict:
+        """The response body for successful rows."""
+        if endpoint == "completions":
+            return completion_response(body.model, rows)
+        if endpoint == "embeddings":
+            return embedding_response(body.model, rows, body.encoding_format)
+        return classify_response(body.model, rows)
+
+    async def _submit(self, work: Work) -> list[dict]:
+        """Admit a request's rows, wait for its coalesced batch, return its rows in order.
+
+        Raises:
+            ApiError: 400 for more inputs than max_pending_rows, 503 while too many are
+                pending, or the error of a failed model call.
+        """
+        n, limit = len(work.inputs), self.options.max_pending_rows
+        if n > limit:
+            raise ApiError(400, f"{n} inputs in one request, over max_pending_rows ({limit}); split the request",
+                           "too_many_inputs")
+        if self.pending_rows + n > limit:
+            raise ApiError(503, f"overloaded: {self.pending_rows} inputs pending, limit {limit}; retry later",
+                           "overloaded")
+        self._pending(n)
+        try:
+            if self.options.batcher == "coalescer":
+                result = await self.coalescer.submit(work)
+            else:
+                result = await self._serve_batch(work)
+        finally:
+            self._pending(-n)
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    def _pending(self, delta: int) -> None:
+        """Move the pending-rows count (and its gauge)."""
+        self.pending_rows += delta
+        self.metrics.pending_rows.set(self.pending_rows)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServeOptions in __init__
+    async def _serve_batch(self, works: list[Work]) -> list:
+        """batcher="serve.batch": Ray's batching (see actors/serve_batching.py for the difference)."""
+        return await self._run_batch(works)
+
+    async def _run_batch(self, works: list[Work]) -> list:
+        """Concurrent requests -> one mixed batch; runs the model in a worker thread."""
+        results, infos = await asyncio.to_thread(self.runner, works)
+        for info in infos:
+            self.batch_stats.record(info)
+            self.metrics.batch(info)
+        return results
+
+    # -- adapter management -----------------------------------------------------------------
+
+    async def _load(self, body: LoadAdapterBody) -> tuple[str, str]:
+        """Register store/lora_name; loading an adapter twice is a no-op."""
+        name = self._adapter_in_store(body.lora_name, body.lora_path)
+        if body.load_inplace:
+            raise ApiError(400, "load_inplace is not supported: unload the adapter, then load it", "unsupported")
+        if self.predictor.knows(name):
+            return name, "already_loaded"
+        try:
+            await asyncio.to_thread(self.predictor.load_adapter, name)
+        except KeyError as e:
+            raise ApiError(404, f"no adapter folder {name!r} (with adapter_config.json) in the adapter store; "
+                           "copy it there first", "adapter_not_found") from e
+        except ValueError as e:
+            raise ApiError(400, str(e), "bad_adapter") from e
+        logger.info("loaded adapter %s", name)
+        return name, "loaded"
+
+    async def _unload(self, body: UnloadAdapterBody) -> tuple[str, str]:
+        """Forget an adapter; its later requests get 404."""
+        name = body.lora_name
+        if not self.predictor.knows(name):
+            raise ApiError(404, f"adapter {name[:200]!r} is not loaded", "adapter_not_found")
+        try:
+            await asyncio.to_thread(self.predictor.unload_adapter, name)
+        except KeyError as e:
+            raise ApiError(404, f"adapter {name!r} is not loaded", "adapter_not_found") from e
+        logger.info("unloaded adapter %s", name)
+        return name, "unloaded"
+
+    def _adapter_in_store(self, name: str, path: str | None) -> str:
+        """`name`, checked to be an adapter id whose folder (and `path`, if given) is inside the store.
+
+        Raises:
+            ApiError: 400 for a bad id, the base model's name, no store, or a path elsewhere.
+        """
+        if not is_valid_adapter_id(name):
+            raise ApiError(400, f"lora_name {name[:200]!r} must match {ADAPTER_ID_PATTERN.pattern}", "bad_adapter_id")
+        if name == self.base_name:
+            raise ApiError(400, f"lora_name {name!r} is the base model's name; pick another", "bad_adapter_id")
+        store = self.predictor.config.adapters
+        if store is None:
+            raise ApiError(400, "this deployment has no adapter store (start it with adapters=DIR)", "no_store")
+        if path is not None:
+            try:
+                inside = (Path(store) / path).resolve() == (Path(store) / name).resolve()
+            except (OSError, ValueError):
+                inside = False
+            if not inside:
+                raise ApiError(400, "lora_path must be the folder named lora_name inside the server's adapter "
+                               "store (or be omitted): adapters load only from the store", "path_outside_store")
+        return name
