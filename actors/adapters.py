@@ -1,19 +1,18 @@
 """Reading one PEFT adapter folder into the per-module low-rank form the routed layers use.
 
-PEFT reads the config (`LoraConfig`/`VeraConfig.from_pretrained`) and decides which modules
-a config targets (`check_target_module_exists`); the weights are read from safetensors only.
-Every supported adapter becomes, per targeted module, `delta(x) = x @ A.T @ B.T + bias`
-with the adapter's scaling folded into `B` and `bias`:
-- LoRA:  A = lora_A, B = lora_B * s, bias = lora_B.bias * s, s = alpha/r (alpha/sqrt(r) rsLoRA).
-- VeRA:  A = diag(lambda_d) @ vera_A[:, :in], B = diag(lambda_b) @ vera_B[:out, :]
-  (PEFT: lambda_b * linear(lambda_d * linear(x, A), B)).
-Anything whose arithmetic is not of that form is refused here, naming the adapter.
+PEFT reads the config (its `<Type>Config.from_pretrained`) and decides which modules a
+config targets (`check_target_module_exists`); the weights are read from safetensors only.
+Each adapter type is one kind in `actors/kinds/` (registry `KINDS`, keyed by `peft_type`):
+its config class, its option refusals, and how its tensors become, per targeted module,
+`delta(x) = x @ A.T @ B.T + bias` with the adapter's scaling folded into `B` and `bias`
+(LoRA, VeRA, AdaLoRA, LoHa as an exact rank-r^2 product). This module keeps what every
+kind shares: the config and tensor files, heads (`modules_to_save`), target checks.
+Anything no kind can route is refused here, naming the adapter.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,37 +20,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROUTABLE_TYPES = ("LORA", "VERA")
-WEIGHTS_FILE = "adapter_model.safetensors"
+from actors.kinds import DELTA_MARKERS as _DELTA_MARKERS  # key endings marking one module's weights
+from actors.kinds import KINDS, kind_of
+from actors.kinds.common import PREFIX, WEIGHTS_FILE, AdapterError, ModuleDelta, module_dims
+
+__all__ = ["KINDS", "PREFIX", "WEIGHTS_FILE", "AdapterError", "AdapterWeights", "BaseTree", "ModuleDelta",
+           "module_dims", "peft_modules_to_save", "read_adapter"]
+
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
-PREFIX = "base_model.model."
-# LoRA options whose arithmetic is not a plain low-rank delta over the shared base weights.
-_UNROUTABLE_LORA_OPTIONS = (
-    "use_dora", "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "layer_replication",
-    "target_parameters", "use_bdlora", "arrow_config", "kasa_config", "velora_config", "monteclora_config",
-    "megatron_config",
-)
 # Heads PEFT's task classes add to `modules_to_save` before matching targets
 # (PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering).
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                "QUESTION_ANS": ("qa_outputs",)}
-# Key endings that mark one module's low-rank weights (LoRA linear, LoRA embedding, VeRA).
-_DELTA_MARKERS = ("lora_A.weight", "lora_embedding_A", "vera_lambda_d")
-# Initialisations that rewrite the base weights, so the adapter only fits a modified base.
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
-
-
-@dataclass
-class ModuleDelta:
-    """One module's contribution: `x @ A.T @ B.T + bias`, scaling already folded in."""
-
-    A: torch.Tensor  # [r, in]  (embedding: [r, num_embeddings])
-    B: torch.Tensor  # [out, r]
-    bias: torch.Tensor | None = None  # [out]
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
 
 
 @dataclass
@@ -62,10 +42,6 @@ class AdapterWeights:
     peft_type: str
     deltas: dict[str, ModuleDelta] = field(default_factory=dict)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be routed correctly; the message names the adapter."""
 
 
 class BaseTree:
@@ -98,68 +74,54 @@ class BaseTree:
         return {key[len(prefix):]: value for key, value in self._tensors.items() if key.startswith(prefix)}
 
 
-def module_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a module the routed layers can wrap, or None for any other module."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    return None
-
-
-def read_adapter(path: Path, adapter_id: str, base: BaseTree) -> AdapterWeights:
+def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = True) -> AdapterWeights:
     """Read and validate one adapter against the untouched base model.
+
+    This is the one check every entry point runs: the job's driver and `jobs/serve.py` before
+    Ray starts (on a meta-device copy of the base, `values=False` or True), and the Predictor
+    in every actor and replica (start-up, `load_adapter`, re-reads after eviction).
 
     Args:
         path: the adapter folder (inside the store).
         adapter_id: its id, used in every error message.
-        base: the base model as it was before any routed layer was installed.
+        base: the base model as it was before any routed layer was installed (its modules
+            may live on the meta device: then base weights are not compared).
+        values: read the tensors' values (finite checks); False reads only the safetensors
+            header and returns meta tensors of the right shapes.
 
     Returns:
-        The adapter's per-module deltas and heads, float32 on the CPU.
+        The adapter's per-module deltas and heads, float32 on the CPU (or meta).
 
     Raises:
-        AdapterError: unsupported type or option, pickle weights, a corrupt file, or
-            weights that do not fit the base model.
+        AdapterError: unsupported type or option, pickle weights, a corrupt file, weights
+            that are not finite or do not fit the base model, files that leave the folder.
     """
     config = _read_config(path, adapter_id)
-    tensors = _read_tensors(path, adapter_id)
+    tensors = _read_tensors(path, adapter_id, values)
     modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
     weights.heads = _take_heads(tensors, config, base, adapter_id)
     _refuse_deltas_inside_heads(tensors, config, adapter_id)
-    if weights.peft_type == "LORA":
-        weights.deltas = _lora_deltas(tensors, config, modules, adapter_id)
-    else:
-        weights.deltas = _vera_deltas(tensors, config, modules, adapter_id)
+    weights.deltas = kind_of(weights.peft_type, adapter_id).deltas(tensors, config, modules, adapter_id)
     _check_targets(weights, config, modules, adapter_id)
     return weights
 
 
 def _read_config(path: Path, adapter_id: str):
-    """The adapter's PEFT config, refusing types and options we cannot route."""
-    from peft import LoraConfig, VeraConfig
-
+    """The adapter's PEFT config, parsed by its kind's config class, refusing types (the
+    message lists the registered ones) and options we cannot route."""
+    if (path / "adapter_config.json").is_symlink():
+        _refuse_escape(path / "adapter_config.json", path, adapter_id)
     try:
         raw = json.loads((path / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
         raise AdapterError(f"adapter {adapter_id!r}: cannot read adapter_config.json: {e}") from e
-    peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
-    if peft_type not in ROUTABLE_TYPES:
-        raise AdapterError(
-            f"adapter {adapter_id!r} has type {peft_type}; Switchyard routes only LoRA and VeRA adapters per row "
-            "(PEFT's own mixed batches silently ignore other types). Remove it from the store or merge it into "
-            "its own base model"
-        )
+    kind = kind_of(raw.get("peft_type") if isinstance(raw, dict) else None, adapter_id)
     try:
-        config = (LoraConfig if peft_type == "LORA" else VeraConfig).from_pretrained(str(path))
+        config = kind.parse_config(str(path))
     except (TypeError, ValueError) as e:
         raise AdapterError(f"adapter {adapter_id!r}: invalid adapter_config.json: {e}") from e
-    _refuse_options(config, adapter_id)
+    kind.refuse(config, adapter_id)
     config.modules_to_save = peft_modules_to_save(config)
     return config
 
@@ -181,26 +143,10 @@ def peft_modules_to_save(config) -> list[str] | None:
     return names or None
 
 
-def _refuse_options(config, adapter_id: str) -> None:
-    """Refuse config options that change the arithmetic beyond a low-rank delta."""
-    for option in _UNROUTABLE_LORA_OPTIONS:
-        if getattr(config, option, None):
-            raise AdapterError(f"adapter {adapter_id!r} uses {option}={getattr(config, option)!r}, which Switchyard "
-                               "cannot route per row; use plain LoRA")
-    if getattr(config, "bias", "none") != "none":
-        raise AdapterError(f"adapter {adapter_id!r} trains base biases (bias={config.bias!r}); Switchyard shares one "
-                           "base model between adapters, so only bias='none' (or lora_bias=True) is supported")
-    init = getattr(config, "init_lora_weights", None)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise AdapterError(f"adapter {adapter_id!r} was initialised with {init!r}, which rewrites the base weights; "
-                           "convert it to plain LoRA with PEFT's path_initial_model_for_weight_conversion")
-    if config.peft_type.value == "VERA" and not config.save_projection:
-        raise AdapterError(f"adapter {adapter_id!r} was saved without its VeRA projections (save_projection=False); "
-                           "save it again with save_projection=True")
-
-
-def _read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, from safetensors only (pickle files are refused)."""
+def _read_tensors(path: Path, adapter_id: str, values: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, from safetensors only (pickle files are refused); with
+    `values=False` meta tensors from the file's header (truncation is still caught: the
+    header must cover the whole file)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -211,15 +157,32 @@ def _read_tensors(path: Path, adapter_id: str) -> dict[str, torch.Tensor]:
             raise AdapterError(f"adapter {adapter_id!r} has only pickle weights ({pickles[0]}); Switchyard loads "
                                "safetensors only: re-save it with save_pretrained(safe_serialization=True)")
         raise AdapterError(f"adapter {adapter_id!r} has no {WEIGHTS_FILE}")
+    _refuse_escape(file, path, adapter_id)
     try:
-        tensors = load_file(str(file))
+        tensors = load_file(str(file)) if values else _header_tensors(file)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"adapter {adapter_id!r}: corrupt {WEIGHTS_FILE}: {e}") from e
-    for key, value in sorted(tensors.items()):
+    for key, value in sorted(tensors.items()) if values else ():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise AdapterError(f"adapter {adapter_id!r}: its weights are not finite (NaN or inf in {key}); the "
                                "adapter is broken (e.g. a diverged training run): retrain or re-save it")
     return {key: value.float() for key, value in tensors.items()}
+
+
+def _refuse_escape(file: Path, folder: Path, adapter_id: str) -> None:
+    """Refuse a file that is a link leading outside its adapter folder (store security)."""
+    if file.resolve().parent != folder.resolve():
+        raise AdapterError(f"adapter {adapter_id!r}: {file.name} links outside the adapter folder (to "
+                           f"{str(file.resolve())!r}); adapters are read only from inside the store: copy the file in")
+
+
+def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors with the shapes the safetensors header declares (no data is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return {key: torch.empty(handle.get_slice(key).get_shape(), dtype=torch.float32)
+                for key in handle.keys()}
 
 
 def _take_heads(tensors: dict, config, base: BaseTree, adapter_id: str) -> dict[str, dict]:
@@ -274,113 +237,6 @@ def _delta_module(key: str) -> str | None:
         if key.startswith(PREFIX) and key.endswith("." + marker):
             return key[len(PREFIX):-len(marker) - 1]
     return None
-
-
-def _lora_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
-    """LoRA weights per module, scaling folded into B."""
-    from peft.utils.other import get_pattern_key
-
-    deltas = {}
-    for name, kind in _adapted_modules(tensors, ("lora_A.weight", "lora_embedding_A"), adapter_id):
-        dims = _dims_of(modules, name, adapter_id)
-        _check_base_copy(tensors, name, modules[name], adapter_id)
-        if kind == "lora_embedding_A":
-            A, B, bias = tensors.pop(f"{PREFIX}{name}.lora_embedding_A"), _pop(tensors, name, "lora_embedding_B", adapter_id), None
-        else:
-            A, B = tensors.pop(f"{PREFIX}{name}.lora_A.weight"), _pop(tensors, name, "lora_B.weight", adapter_id)
-            bias = tensors.pop(f"{PREFIX}{name}.lora_B.bias", None)
-        r = A.shape[0]
-        r_config = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
-        _check_shapes(adapter_id, name, dims, A, B, bias, r_config)
-        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        deltas[name] = ModuleDelta(A, B * scale, None if bias is None else bias * scale)
-    _refuse_leftovers(tensors, adapter_id)
-    return deltas
-
-
-def _vera_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
-    """VeRA weights per module as a low-rank pair, the lambdas folded into A and B."""
-    shared_A = tensors.pop("base_model.vera_A", None)  # [r, max_in]
-    shared_B = tensors.pop("base_model.vera_B", None)  # [max_out, r]
-    if shared_A is None or shared_B is None:
-        raise AdapterError(f"adapter {adapter_id!r}: VeRA projections vera_A/vera_B missing from {WEIGHTS_FILE}")
-    deltas = {}
-    for name, _ in _adapted_modules(tensors, ("vera_lambda_d",), adapter_id):
-        if isinstance(modules.get(name), nn.Embedding):
-            raise AdapterError(f"adapter {adapter_id!r}: VeRA on embedding {name} is not supported")
-        d_in, d_out = _dims_of(modules, name, adapter_id)
-        lambda_d = tensors.pop(f"{PREFIX}{name}.vera_lambda_d")  # [r]
-        lambda_b = _pop(tensors, name, "vera_lambda_b", adapter_id)  # [out]
-        if d_in > shared_A.shape[1] or d_out > shared_B.shape[0] or lambda_b.shape[0] != d_out \
-                or lambda_d.shape[0] != shared_A.shape[0]:
-            raise AdapterError(f"adapter {adapter_id!r}: VeRA weights of {name} do not fit the base module "
-                               f"(in {d_in}, out {d_out})")
-        A = lambda_d[:, None] * shared_A[:, :d_in]
-        B = lambda_b[:, None] * shared_B[:d_out, :]
-        deltas[name] = ModuleDelta(A, B)
-    _refuse_leftovers(tensors, adapter_id)
-    return deltas
-
-
-def _adapted_modules(tensors: dict, markers: tuple[str, ...], adapter_id: str) -> list[tuple[str, str]]:
-    """(module name, marker) for every key `PREFIX + name + '.' + marker`."""
-    found = []
-    for key in list(tensors):
-        for marker in markers:
-            if key.startswith(PREFIX) and key.endswith("." + marker):
-                found.append((key[len(PREFIX):-len(marker) - 1], marker))
-    return sorted(found)
-
-
-def _pop(tensors: dict, name: str, suffix: str, adapter_id: str) -> torch.Tensor:
-    """Pop a tensor the format requires, naming the module if it is missing."""
-    key = f"{PREFIX}{name}.{suffix}"
-    if key not in tensors:
-        raise AdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} lacks {suffix} for module {name}")
-    return tensors.pop(key)
-
-
-def _dims_of(modules: dict[str, nn.Module], name: str, adapter_id: str) -> tuple[int, int]:
-    """(in, out) of base module `name`, refusing modules that are absent or of another kind."""
-    if name not in modules:
-        raise AdapterError(f"adapter {adapter_id!r} has weights for module {name}, which the base model does not "
-                           "have: was it trained on another architecture or task head?")
-    dims = module_dims(modules[name])
-    if dims is None:
-        raise AdapterError(f"adapter {adapter_id!r} targets module {name} of type {type(modules[name]).__name__}; "
-                           "Switchyard routes Linear, Conv1D and Embedding modules only")
-    return dims
-
-
-def _check_shapes(adapter_id, name, dims, A, B, bias, r_config) -> None:
-    """Refuse LoRA weights whose shapes do not fit the base module or the config's rank."""
-    d_in, d_out = dims
-    r = A.shape[0]
-    ok = A.dim() == 2 and B.dim() == 2 and A.shape[1] == d_in and B.shape == (d_out, r)
-    if not ok or (bias is not None and bias.shape != (d_out,)):
-        raise AdapterError(f"adapter {adapter_id!r}: weights of module {name} (A {tuple(A.shape)}, B "
-                           f"{tuple(B.shape)}) do not fit the base module (in {d_in}, out {d_out})")
-    if r != r_config:
-        raise AdapterError(f"adapter {adapter_id!r}: module {name} has rank {r} but its config says {r_config}")
-
-
-def _check_base_copy(tensors: dict, name: str, module: nn.Module, adapter_id: str) -> None:
-    """PEFT saves a copy of the base weights of targeted embeddings (and a tied lm_head);
-    it must equal the shared base."""
-    copy = tensors.pop(f"{PREFIX}{name}.base_layer.weight", None)
-    weight = module.weight.detach().cpu()
-    if copy is not None and (copy.shape != weight.shape or not torch.equal(copy.to(weight.dtype), weight)):
-        raise AdapterError(f"adapter {adapter_id!r} carries its own base weights for {name} (e.g. a resized "
-                           "vocabulary); Switchyard shares one base model between adapters and cannot route it")
-
-
-def _refuse_leftovers(tensors: dict, adapter_id: str) -> None:
-    """Any tensor we did not consume would change the oracle's output: refuse it."""
-    if tensors:
-        keys = sorted(tensors)
-        raise AdapterError(f"adapter {adapter_id!r}: unexpected tensors in {WEIGHTS_FILE}: {keys[:3]}"
-                           f"{' ...' if len(keys) > 3 else ''}")
 
 
 def _check_targets(weights: AdapterWeights, config, modules: dict[str, nn.Module], adapter_id: str) -> None:

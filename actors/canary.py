@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from actors.adapters import WEIGHTS_FILE, module_dims, peft_modules_to_save
+from actors.kinds import kind_of
 from actors.layers import Route, current_route, routing
 
 logger = logging.getLogger(__name__)
@@ -233,13 +234,14 @@ def _peft_layers(runtime, adapter_id: str) -> dict[str, nn.Module]:
 
     path = runtime.store.path(adapter_id)
     config = PeftConfig.from_pretrained(str(path))
+    own = kind_of(config.peft_type.value, adapter_id).tensor_prefix  # its kind's weights, not heads or base copies
     config.modules_to_save = peft_modules_to_save(config)  # as PEFT's task classes (the oracle's) do
     container = _leaf_container(runtime.base.modules, list(config.modules_to_save or ()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about custom models and about keys it does not need
         model = PeftModel(container, config)
         tensors = load_file(str(path / WEIGHTS_FILE))
-        set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if "lora_" in k or "vera_" in k})
+        set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if own in k})
     model.eval()
     return {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
 

@@ -26,45 +26,39 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 # sentence-transformers' pooling modes (its names), for task embed.
 POOLINGS = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
+_GENERATION = "generation defaults (task generate)."  # the help of max_new_tokens, temperature, top_p, seed, stop
 
 
 @dataclass
 class PredictorConfig:
     """Everything a Predictor needs to load a model and its adapters and run batches.
 
-    Args:
-        model: local Hugging Face model folder.
-        adapters: adapter store folder (None: base model only).
-        task: one of TASKS.
-        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
-        dtype: weights and activations dtype.
-        max_new_tokens, temperature, top_p, seed, stop: generation defaults (task generate).
-        pooling: task embed: how the last hidden state is pooled (unset: as the folder's
-            sentence-transformers files say, else mean).
-        normalize: task embed: unit-length embeddings, or not (unset: as the folder's
-            sentence-transformers files say, else off).
-        max_loaded_adapters: adapters held in memory at once (None: all of the store).
-        canary: run the start-up mixed-vs-alone check.
-        max_batch_rows: rows per model call (larger batches are split).
-        num_threads: torch CPU threads (None: torch's default).
+    Each field's `metadata["help"]` says what it means; it is also the flag's `--help` text
+    (`actors/options.py:add_flags`), as PEFT's config dataclasses document their fields.
     """
 
-    model: str
-    adapters: str | None = None
-    task: str = "generate"
-    device: str = "auto"
-    dtype: str = "float32"
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    pooling: str | None = field(default=None, metadata={"choices": POOLINGS})
-    normalize: bool | None = None
-    max_loaded_adapters: int | None = None
-    canary: bool = True
-    max_batch_rows: int = 64
-    num_threads: int | None = None
+    model: str = field(metadata={"help": "local Hugging Face model folder."})
+    adapters: str | None = field(default=None, metadata={"help": "adapter store folder (None: base model only)."})
+    task: str = field(default="generate", metadata={"help": "one of TASKS."})
+    device: str = field(default="auto", metadata={
+        "help": '"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".'})
+    dtype: str = field(default="float32", metadata={"help": "weights and activations dtype."})
+    max_new_tokens: int = field(default=64, metadata={"help": _GENERATION})
+    temperature: float = field(default=0.0, metadata={"help": _GENERATION})
+    top_p: float = field(default=1.0, metadata={"help": _GENERATION})
+    seed: int | None = field(default=None, metadata={"help": _GENERATION})
+    stop: list[str] = field(default_factory=list, metadata={"help": _GENERATION})
+    pooling: str | None = field(default=None, metadata={"choices": POOLINGS, "help": (
+        "task embed: how the last hidden state is pooled (unset: as the folder's sentence-transformers files "
+        "say, else mean).")})
+    normalize: bool | None = field(default=None, metadata={"help": (
+        "task embed: unit-length embeddings, or not (unset: as the folder's sentence-transformers files say, "
+        "else off).")})
+    max_loaded_adapters: int | None = field(default=None, metadata={
+        "help": "adapters held in memory at once (None: all of the store)."})
+    canary: bool = field(default=True, metadata={"help": "run the start-up mixed-vs-alone check."})
+    max_batch_rows: int = field(default=64, metadata={"help": "rows per model call (larger batches are split)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -152,7 +152,7 @@ class _LowRankBase(nn.Module):
         stack.B[slot].zero_()
         if stack.bias is not None:
             stack.bias[slot].zero_()
-        if delta is None:
+        if delta is None or delta.rank == 0:  # rank 0: a module pruned away (AdaLoRA) adds nothing
             return
         r = delta.rank
         stack.A[slot, :, :r] = delta.A.T.to(stack.A)

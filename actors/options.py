@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -49,10 +48,19 @@ def field_type(hint: Any) -> tuple[type, bool]:
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset(),
               choices: dict[str, tuple] | None = None) -> None:
-    """One flag per field of dataclass `cls` (kebab-case), default None (= the field's default),
-    its help taken from the class docstring's Args section; `choices` per field name (else the
-    field's `metadata["choices"]`). A bool field gets `--flag` and `--no-flag`."""
-    hints, docs = _hints(cls), _field_docs(cls)
+    """One flag per field of dataclass `cls` (kebab-case), as `HfArgumentParser` builds them.
+
+    Args:
+        parser: where the flags are added.
+        cls: the dataclass; each field's `metadata["help"]` is its flag's help (PEFT's
+            `field(metadata={"help": ...})`), followed by the field's default.
+        skip: field names that get no flag.
+        choices: allowed values per field name (else the field's `metadata["choices"]`).
+
+    Every flag's default is None (= the field's default), so callers can tell a flag given
+    from one left out. A bool field gets `--flag` and `--no-flag`; a list field is repeated.
+    """
+    hints = _hints(cls)
     choices = choices or {}
     for f in fields(cls):
         if f.name in skip:
@@ -61,7 +69,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = froze
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
                                                               else None)
-        help_text = f"{docs.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
@@ -69,17 +77,3 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = froze
         else:
             parser.add_argument(flag, type=kind, choices=choices.get(f.name, f.metadata.get("choices")),
                                 default=None, help=help_text)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its text in the docstring's Args section ("a, b: text" documents both)."""
-    docs: dict[str, str] = {}
-    names: list[str] = []
-    for line in (cls.__doc__ or "").split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^\s{8}([a-z_][a-z_, ]*): (.*)$", line)
-        if match:
-            names = [n.strip() for n in match.group(1).split(",")]
-            docs.update({n: match.group(2) for n in names})
-        elif line.startswith(" " * 12) and names:
-            docs.update({n: docs[n] + " " + line.strip() for n in names})
-    return docs

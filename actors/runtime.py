@@ -99,6 +99,8 @@ class AdapterRuntime:
         """Wrap (once) every module this adapter touches and size its stacks for it."""
         n_slots = self.capacity + 1
         for name, delta in weights.deltas.items():
+            if delta.rank == 0:  # a module pruned away (AdaLoRA): nothing to route
+                continue
             layer = self._lowrank.get(name) or self._wrap_lowrank(name, n_slots, delta.rank, delta.bias is not None)
             layer.resize(n_slots, delta.rank, delta.bias is not None)
         for name in weights.heads:

@@ -27,6 +27,8 @@ class JobConfig:
         input, output: Parquet file/folder (local or any pyarrow URI) and output folder.
         batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor.
         overwrite: replace the output folder's files instead of refusing a non-empty one.
+        quick_adapter_check: check adapters on the driver from their safetensors headers only
+            (the actors still read and check every value).
         options: Predictor options (MODEL_OPTIONS: PredictorConfig's fields).
     """
 
@@ -40,6 +42,7 @@ class JobConfig:
     num_cpus: float | None = None
     num_gpus: float = 0.0
     overwrite: bool = False
+    quick_adapter_check: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1; fractions allowed)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
+    p.add_argument("--quick-adapter-check", action="store_true", default=None,
+                   help="check adapters up front from their safetensors headers only, not every value (NaN/inf); "
+                        "the actors still check values when they load them")
     add_flags(p, PredictorConfig, skip={"model", "adapters", "task", "num_threads"})
     return p
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from actors.config import output_schema
 from pipeline.config import JobConfig
 from pipeline.read import InputFiles, open_input, read_input
-from pipeline.validate import validate_job
+from pipeline.validate import validate_adapters, validate_job
 from pipeline.write import (Output, OutputWriteError, check_output, clear_output, mark_complete, os_error,
                             publish_files, write_empty, write_output)
 
@@ -67,6 +67,7 @@ def run(config: JobConfig) -> Summary:
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)
     output = check_output(config.output, config.overwrite)
+    validate_adapters(config)
     if config.overwrite:
         clear_output(output)
     started = time.perf_counter()

@@ -20,8 +20,8 @@ def required_columns(task: str) -> list[str]:
 
 
 def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
-    """Check the model folder, adapter store, input schema and where the output goes;
-    returns the adapter ids.
+    """The cheap up-front checks: options, model folder, adapter store listing, input schema,
+    where the output goes; returns the adapter ids (`validate_adapters` reads them).
 
     Raises:
         ValueError: the first problem found.
@@ -37,6 +37,19 @@ def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
     check_not_overlapping(config.output, {"input": config.input, "model folder": config.model,
                                           "adapter store": config.adapters})
     return adapter_ids
+
+
+def validate_adapters(config: JobConfig) -> None:
+    """Every adapter of the store as the actors will read it, on a meta-device copy of the
+    base (the costliest up-front check: it imports torch and transformers, so it runs last).
+
+    Raises:
+        ValueError: one line naming the first bad adapter.
+    """
+    if config.adapters:
+        from actors.validation import validate_store
+
+        validate_store(config.model, config.adapters, config.task, values=not config.quick_adapter_check)
 
 
 def check_processor_files(model: str, task: str) -> None:

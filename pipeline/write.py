@@ -94,9 +94,11 @@ def _refuse_non_empty(output: Output) -> None:
 
 
 def _probe(output: Output) -> None:
-    """Create the folder if needed, then write and remove a probe file (raises OSError)."""
-    fs = output.location.fs
-    fs.create_dir(output.location.path, recursive=True)
+    """Write and remove a probe file, creating the folder for it and removing the folder
+    again if it was new, so that a refused job leaves nothing behind (raises OSError)."""
+    fs, path = output.location.fs, output.location.path
+    new = fs.get_file_info(path).type == pafs.FileType.NotFound
+    fs.create_dir(path, recursive=True)
     probe = output.location.child(f".switchyard-probe-{uuid.uuid4().hex}").path
     try:
         with fs.open_output_stream(probe) as stream:
@@ -104,6 +106,8 @@ def _probe(output: Output) -> None:
     finally:
         if fs.get_file_info(probe).type == pafs.FileType.File:
             fs.delete_file(probe)
+        if new:
+            fs.delete_dir(path)
 
 
 def _reason(error: OSError) -> str:

@@ -19,6 +19,7 @@ FRESH_STD: tuple[tuple[str, float], ...] = (
     ("hada_", 0.2),
     ("lokr_", 0.06),
     ("oft_", 0.05),
+    ("lora_E", 1.0),  # AdaLoRA's singular values: their scale is what LoRA's lora_B carries
     ("lora_", 0.06),
     ("prompt", 0.1),
 )

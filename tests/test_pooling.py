@@ -167,7 +167,7 @@ def test_bad_option_values_are_refused(bert):
 
 
 def test_flags_of_the_job_and_the_server(bert):
-    from actors.serve_options import build_parser as serve_parser
+    from actors.serve.launch import build_parser as serve_parser
     from pipeline.config import config_from_args
 
     job = ["--model", bert[0], "--task", "embed", "--input", "in.parquet", "--output", "out"]

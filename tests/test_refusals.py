@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PromptTuningConfig
+from peft import IA3Config, LoKrConfig, LoraConfig, OFTConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +52,6 @@ def _load(model: str, store, task: str = "generate", **options) -> Predictor:
 UNROUTABLE = {  # adapter id -> (config factory, what the message must name)
     "my-ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
                r"has type IA3"),
-    "my-loha": (lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), r"has type LOHA"),
     "my-lokr": (lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), r"has type LOKR"),
     "my-oft": (lambda: OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]), r"has type OFT"),
     "my-prompt": (lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), r"has type PROMPT_TUNING"),

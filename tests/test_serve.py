@@ -18,6 +18,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 
 import oracle
 from testkit.data import SENTENCES, jpeg_bytes, png_bytes
@@ -335,6 +336,15 @@ def test_load_and_unload_adapter(gen, client):
     _assert_error(client.post(f"{url}/load_lora_adapter", json={"lora_name": "../outside"}), 400, "bad_adapter_id")
     _assert_error(client.post(f"{url}/load_lora_adapter", json={"lora_name": "absent"}), 404, "adapter_not_found")
     _assert_error(client.post(f"{url}/load_lora_adapter", json={"lora_name": gen.base}), 400, "bad_adapter_id")
+    rotten = Path(shutil.copytree(Path(gen.store) / "lora-qv", Path(gen.store) / "rotten")) / "adapter_model.safetensors"
+    tensors = load_file(str(rotten))
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(rotten))
+    refused = _assert_error(client.post(f"{url}/load_lora_adapter", json={"lora_name": "rotten"}), 400, "bad_adapter")
+    assert refused["message"] == f"adapter 'rotten': its weights are not finite (NaN or inf in {key}); the adapter is " \
+        "broken (e.g. a diverged training run): retrain or re-save it"  # the message every entry point gives
+    shutil.rmtree(rotten.parent)
 
     assert client.post(f"{url}/unload_lora_adapter", json={"lora_name": "late"}).json()["status"] == "unloaded"
     _assert_error(client.post(f"{url}/completions", json=prompt), 404, "model_not_found")
@@ -427,7 +437,7 @@ def test_classify_images_equals_oracle(img, client):
 
 
 def test_coalescer_merges_what_arrives_during_a_call():
-    from actors.serve_batching import Coalescer
+    from actors.serve.batching import Coalescer
 
     calls: list[list] = []
 
@@ -454,7 +464,7 @@ def test_coalescer_merges_what_arrives_during_a_call():
 
 
 def test_coalescer_waits_for_company_when_idle():
-    from actors.serve_batching import Coalescer
+    from actors.serve.batching import Coalescer
 
     calls: list[list] = []
 
@@ -473,7 +483,7 @@ def test_coalescer_waits_for_company_when_idle():
 
 
 def test_build_app_converts_and_checks_args(llama):
-    from actors.serve_options import split_args
+    from actors.serve.options import split_args
 
     model, store = llama
     predictor, options = split_args({"model": model, "adapters": store, "task": "generate", "max_batch_size": "8",
@@ -491,6 +501,36 @@ def test_build_app_converts_and_checks_args(llama):
         split_args({"model": str(Path(store) / "missing"), "task": "generate"})
     with pytest.raises(ValueError, match="is not a readable folder"):
         split_args({"model": model, "adapters": str(Path(store) / "missing"), "task": "generate"})
+
+
+def test_every_flag_has_help_from_its_field_metadata():
+    from dataclasses import fields
+
+    from actors.config import PredictorConfig
+    from actors.serve.launch import build_parser
+    from actors.serve.options import ServeOptions
+
+    missing = [f.name for cls in (PredictorConfig, ServeOptions) for f in fields(cls) if not f.metadata.get("help")]
+    assert missing == []
+    helps = {a.dest: a.help for a in build_parser()._actions}
+    assert helps["batcher"].startswith('"coalescer" (Switchyard\'s')
+    assert helps["batcher"].endswith("(default: coalescer)")
+    assert helps["stop"] == "generation defaults (task generate). (repeat for several; default: [])"
+    args = vars(build_parser().parse_args(["--model", "m", "--task", "generate", "--no-canary", "--stop", "a"]))
+    assert (args["canary"], args["stop"], args["normalize"], args["max_batch_size"]) == (False, ["a"], None, None)
+
+
+def test_serve_package_imports_one_way():
+    # launch -> ingress -> model -> options, never back: options imports no other module of the package.
+    import ast
+
+    def imported(name: str) -> set[str]:
+        tree = ast.parse((ROOT / "actors" / "serve" / name).read_text())
+        return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not {m for m in imported("options.py") if m.startswith("actors.serve")}
+    for name in ("ingress.py", "api.py"):  # FastAPI and pydantic resolve their annotations at run time
+        assert "__future__" not in imported(name), name
 
 
 def test_predictor_with_options_refuses_model_options(llama):

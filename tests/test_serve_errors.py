@@ -41,7 +41,7 @@ def _reference_depth(value) -> int:
     ["\u00e9[", {"k\"[": ["\\\\\"]"]}],
 ])
 def test_json_depth_skips_brackets_inside_strings(value):
-    from actors.serve_api import json_depth
+    from actors.serve.api import json_depth
 
     for ascii_only in (True, False):
         text = json.dumps(value, ensure_ascii=ascii_only).encode()
@@ -49,7 +49,7 @@ def test_json_depth_skips_brackets_inside_strings(value):
 
 
 def test_json_depth_does_not_recurse():
-    from actors.serve_api import json_depth
+    from actors.serve.api import json_depth
 
     assert json_depth(b"[" * 1_000_000) == 1_000_000
     assert json_depth(b'{"a": [' + b"[1], " * 100_000 + b"2]}") == 3
@@ -60,7 +60,7 @@ def test_failed_model_calls_are_503_or_500_in_json():
     from ray.serve._private.common import DeploymentID
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    from actors.serve import model_failure
+    from actors.serve.ingress import model_failure
 
     task_error = RayTaskError("answer", "Traceback ...", KeyError("x"))
     cases = [(ActorDiedError(), 503, "replica_unavailable"),

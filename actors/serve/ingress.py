@@ -1,9 +1,9 @@
 """The online half: a Ray Serve application of two deployments with an OpenAI-compatible API.
 
 `SwitchyardIngress` (here, the FastAPI app) answers HTTP: it reads and checks each body (size,
-nesting depth, JSON) and calls `SwitchyardModel` (actors/serve_model.py) through a deployment
+nesting depth, JSON) and calls `SwitchyardModel` (actors/serve/model.py) through a deployment
 handle. The model replicas hold a Predictor each and coalesce concurrent requests, whatever
-adapters they name, into one mixed batch run in a worker thread (actors/serve_batching.py).
+adapters they name, into one mixed batch run in a worker thread (actors/serve/batching.py).
 
 Why two deployments: when a replica dies mid-request, Serve's HTTP proxy answers its requests
 with its own 500 in text/plain. The ingress is another process: it sees the handle call fail
@@ -11,7 +11,7 @@ with its own 500 in text/plain. The ingress is another process: it sees the hand
 
     serve run actors.serve:build_app model=DIR adapters=DIR task=generate
     serve deploy deploy/serve_config.yaml
-    python jobs/serve.py --model DIR --adapters DIR --task generate   # actors/serve_options.py:main
+    python jobs/serve.py --model DIR --adapters DIR --task generate   # actors/serve/launch.py
 
 Endpoints (README.md, "Online serving"): GET /v1/models, /v1/stats; POST /v1/completions (generate),
 /v1/embeddings (embed), /v1/classify (classify, classify-image), /v1/load_lora_adapter and
@@ -35,13 +35,12 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import PredictorConfig
-from actors.serve_api import ApiError, Reply, error_body, read_json
-from actors.serve_batching import ServeMetrics
-from actors.serve_model import SwitchyardModel
-from actors.serve_options import ServeOptions, options_dict, split_args
+from actors.serve.api import ApiError, Reply, error_body, read_json
+from actors.serve.batching import ServeMetrics
+from actors.serve.model import SwitchyardModel
+from actors.serve.options import ServeOptions, options_dict, split_args
 
 logger = logging.getLogger(__name__)
-APP_NAME = "switchyard"
 ENDPOINT_TASKS = {"completions": ("generate",), "embeddings": ("embed",), "classify": ("classify", "classify-image")}
 
 app = FastAPI(title="Switchyard", docs_url=None, redoc_url=None, openapi_url=None)
@@ -56,7 +55,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 # Defined above the deployment class: defined below it, it was missing in the replica (a NameError
-# there): the class, wrapped by `serve.ingress`, travels by value with the globals it saw.
+# there): the class, wrapped by `serve.ingress`, travels by value with the globals it saw
+# (docs/pitfalls.md "Ray Serve").
 def model_failure(error: Exception) -> ApiError:
     """The answer to a request whose call to a model replica failed, rather than the request.
 

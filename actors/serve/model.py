@@ -1,6 +1,6 @@
 """The model side of the Serve application: `SwitchyardModel`, a deployment whose replicas
 each hold a `Predictor` and coalesce concurrent requests into mixed batches. It speaks no
-HTTP: the ingress (actors/serve.py) reads and parses each body and calls it through a
+HTTP: the ingress (actors/serve/ingress.py) reads and parses each body and calls it through a
 deployment handle with the parsed JSON; every method answers a `Reply` (status, JSON body)
 that the ingress renders. A replica that dies mid-request therefore fails only the handle
 call, which the ingress, in another process, answers with a 503 in OpenAI's error shape.
@@ -16,13 +16,13 @@ from typing import Any
 
 from ray import serve
 
-from actors.serve_api import (
+from actors.serve.api import (
     ApiError, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, Reply, UnloadAdapterBody, Work,
     base_model_name, classify_response, completion_response, completion_work, embedding_response, image_work,
     models_response, parse_body, row_error, text_work,
 )
-from actors.serve_batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
-from actors.serve_options import ServeOptions
+from actors.serve.batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
+from actors.serve.options import ServeOptions
 from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class SwitchyardModel:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # set from ServeOptions in __init__
     async def _serve_batch(self, works: list[Work]) -> list:
-        """batcher="serve.batch": Ray's batching (see actors/serve_batching.py for the difference)."""
+        """batcher="serve.batch": Ray's batching (see actors/serve/batching.py for the difference)."""
         return await self._run_batch(works)
 
     async def _run_batch(self, works: list[Work]) -> list:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from actors.serve_api import ApiError, Work
+from actors.serve.api import ApiError, Work
 
 logger = logging.getLogger(__name__)
 RECENT_BATCHES = 32
