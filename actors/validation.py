@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from actors.adapters import AdapterError, BaseTree, read_adapter
 from actors.store import AdapterStore
@@ -84,7 +83,7 @@ def validate_store(model: str, adapters: str | None, task: str, values: bool = T
 def _problem(store: AdapterStore, adapter_id: str, base: BaseTree, values: bool) -> str | None:
     """Why adapter `adapter_id` would be refused, or None."""
     try:
-        read_adapter(Path(store.path(adapter_id)), adapter_id, base, values=values)
+        read_adapter(store.path(adapter_id), adapter_id, base, values=values)
     except AdapterError as e:
         return str(e)
     except KeyError:

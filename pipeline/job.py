@@ -31,9 +31,13 @@ class Summary:
     errors: dict[str, int] = field(default_factory=dict)
     per_adapter: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def rate(self) -> float:
+        """Output rows per second of wall time (0 before the job has timed itself)."""
+        return self.rows_out / self.seconds if self.seconds else 0.0
+
     def lines(self) -> list[str]:
         """The human-readable summary the job prints at the end."""
-        rate = self.rows_out / self.seconds if self.seconds else 0.0
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
         adapters = ", ".join(f"{k} {v}" for k, v in sorted(self.per_adapter.items()))
         return [
@@ -42,13 +46,12 @@ class Summary:
             f"rows with errors: {sum(self.errors.values())} ({errors})",
             f"rows per adapter: {adapters}",
             f"wall time: {self.seconds:.1f} s",
-            f"rows/s: {rate:.1f}",
+            f"rows/s: {self.rate:.1f}",
         ]
 
     def as_dict(self) -> dict:
         """The summary as JSON-ready values (written into `_SUCCESS`)."""
-        rate = self.rows_out / self.seconds if self.seconds else 0.0
-        return {**dataclasses.asdict(self), "rows_per_second": round(rate, 3)}
+        return {**dataclasses.asdict(self), "rows_per_second": round(self.rate, 3)}
 
 
 def run(config: JobConfig) -> Summary:
@@ -139,7 +142,7 @@ class _StorageTracebackFilter(logging.Filter):
 
 def _is_storage_error(error: BaseException | None) -> bool:
     """Whether `error` comes from an OSError with an errno (ENOSPC, EROFS, EACCES, ...)."""
-    cause = os_error(error) if error is not None else None
+    cause = os_error(error)
     return cause is not None and bool(cause.errno)
 
 

@@ -195,7 +195,7 @@ def _remove_staging(output: Output) -> None:
         logger.warning("could not remove %s: %s", output.staging.uri, e)
 
 
-def os_error(error: BaseException) -> OSError | None:
+def os_error(error: BaseException | None) -> OSError | None:
     """The OSError behind `error`: Ray re-raises a task's exception as a type that is both a
     RayTaskError and the original class, keeping the original in `.cause`."""
     found, seen = None, set()
