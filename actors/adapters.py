@@ -248,11 +248,11 @@ def _check_targets(weights: AdapterWeights, config, modules: dict[str, nn.Module
         return
     targeted = {n for n, m in modules.items() if n and module_dims(m) is not None
                 and bool(check_target_module_exists(config, n))}
-    missing = sorted(targeted - set(weights.deltas))
+    missing = sorted(targeted - {n for n, d in weights.deltas.items() if not d.from_tokens})
     if missing:
         raise AdapterError(f"adapter {adapter_id!r}: its config targets {missing[0]} but {WEIGHTS_FILE} has no "
                            "weights for it (corrupt or truncated file?)")
-    extra = sorted(set(weights.deltas) - targeted)
+    extra = sorted({n for n, d in weights.deltas.items() if not d.from_tokens} - targeted)
     if extra:
         raise AdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} has weights for {extra[0]}, which its config "
                            "does not target")

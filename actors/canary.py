@@ -236,14 +236,35 @@ def _peft_layers(runtime, adapter_id: str) -> dict[str, nn.Module]:
     config = PeftConfig.from_pretrained(str(path))
     own = kind_of(config.peft_type.value, adapter_id).tensor_prefix  # its kind's weights, not heads or base copies
     config.modules_to_save = peft_modules_to_save(config)  # as PEFT's task classes (the oracle's) do
+    tokens = getattr(config, "trainable_token_indices", None)
+    if tokens:  # PEFT places these from the whole model's embeddings: built apart, below
+        config.trainable_token_indices = None
     container = _leaf_container(runtime.base.modules, list(config.modules_to_save or ()))
+    tensors = load_file(str(path / WEIGHTS_FILE))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about custom models and about keys it does not need
         model = PeftModel(container, config)
-        tensors = load_file(str(path / WEIGHTS_FILE))
         set_peft_model_state_dict(model, {k: v for k, v in tensors.items() if own in k})
     model.eval()
-    return {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
+    layers = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, BaseTunerLayer)}
+    if tokens:
+        config.trainable_token_indices = tokens
+        layers.update(_peft_token_layers(runtime.base.modules, config, tensors, adapter_id))
+    return layers
+
+
+def _peft_token_layers(modules: dict[str, nn.Module], config, tensors: dict, adapter_id: str) -> dict[str, nn.Module]:
+    """PEFT's own trainable-tokens layers for an adapter's `trainable_token_indices`: the input
+    embedding's and those of the output layers tied to it."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from actors.kinds.tokens import DELTA, token_targets
+
+    name, indices, tied = token_targets(config, modules, adapter_id)
+    layer = TrainableTokensLayer(modules[name], "default")
+    layer.update_layer("default", token_indices=indices)
+    layer.trainable_tokens_delta["default"].data.copy_(tensors[f"base_model.model.{name}.{DELTA}"])
+    return {name: layer, **{n: TrainableTokensLayer(modules[n], "default", tied_adapter=layer) for n in tied}}
 
 
 def _leaf_container(modules: dict[str, nn.Module], modules_to_save: list[str]) -> nn.Module:

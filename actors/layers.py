@@ -1,14 +1,20 @@
 """Routed layers: one wrapped base module holding every adapter's weights, each row its own.
 
-For a base module W and adapters stacked in slots (slot 0 is all zeros: "no adapter"),
-row b with slot s_b computes
+For a base module W (bias b) and adapters in slots (slot 0 is "no adapter": every term the
+identity), row x_b with slot s = s_b computes, in one pass over the whole batch:
 
-    y_b = W(x_b) + (x_b @ A[s_b]) @ B[s_b] + bias[s_b]          (LowRank*, per row)
-    y_b = head[s_b](x_b)  if adapter s_b has its own copy, else W(x_b)   (RoutedHead)
+    x'  = in_scale[s] * in_op[s](x)                 IA3 feed-forward; OFT/BOFT rotations
+    y   = out_scale[s] * W(x') + shift[s]           shift = (1 - out_scale) b when the kind
+                                                    keeps the bias unscaled (DoRA, BOFT), else 0
+    y  += (x @ A[s]) @ B[s] + bias[s]               LoRA, DoRA, AdaLoRA, LoHa, VeRA, tokens
+    y  += add_op[s](x)                              LoKr
+    y   = head[s](x)  if adapter s has its own copy, else W(x)     (RoutedHead)
 
-where A[s] = A_s.T (in x r), B[s] = B_s.T (r x out) with the adapter's scaling folded in,
-ranks zero-padded to the module's largest. Which slot each row uses is carried by a
-`Route` in a context variable, so concurrent calls in other threads never see it.
+W(x') is one shared matmul for all rows. A[s] = A_s.T (in x r), B[s] = B_s.T (r x out) with
+the adapter's scaling folded in, ranks zero-padded to the module's largest; the vectors are
+stacked per slot; `in_op`/`add_op` (structured ops of different shapes per adapter) run on
+the rows of their own adapter only. Which slot each row uses is carried by a `Route` in a
+context variable, so concurrent calls in other threads never see it.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ def current_route() -> Route | None:
 
 @dataclass(frozen=True, eq=False)
 class _Stack:
-    """Every slot's low-rank weights of one module, replaced whole, never edited in shape.
+    """Every slot's weights of one module, replaced whole, never edited in shape.
 
     A forward reads the layer's stack once, so a resize in another thread (which builds a
     new stack and swaps the reference) can never hand it an A of one size and a B of another.
@@ -80,6 +86,9 @@ class _Stack:
     A: torch.Tensor  # [S, in, r]
     B: torch.Tensor  # [S, r, out]
     bias: torch.Tensor | None  # [S, out]
+    in_scale: torch.Tensor | None = None  # [S, in], ones where unused
+    out_scale: torch.Tensor | None = None  # [S, out], ones where unused
+    shift: torch.Tensor | None = None  # [S, out], zeros where unused
 
     @property
     def rank(self) -> int:
@@ -89,26 +98,54 @@ class _Stack:
     def n_slots(self) -> int:
         return self.A.shape[0]
 
-    def grown(self, n_slots: int, rank: int, bias: bool) -> _Stack:
-        """A new stack of at least `n_slots` slots and `rank`, this one's weights copied in;
-        the new entries are zero (exact no-ops)."""
+    def grown(self, n_slots: int, rank: int, bias: bool, in_scale: bool, out_scale: bool) -> _Stack:
+        """A new stack of at least `n_slots` slots and `rank`, with the stacks asked for, this
+        one's weights copied in; the new entries are exact no-ops (zeros, or ones for scales)."""
         n_slots, rank = max(n_slots, self.n_slots), max(rank, self.rank)
         A, B = self.A.new_zeros(n_slots, self.A.shape[1], rank), self.B.new_zeros(n_slots, rank, self.B.shape[2])
         A[: self.n_slots, :, : self.rank] = self.A
         B[: self.n_slots, : self.rank] = self.B
-        new_bias = None
-        if bias or self.bias is not None:
-            new_bias = self.A.new_zeros(n_slots, self.B.shape[2])
-            if self.bias is not None:
-                new_bias[: self.n_slots] = self.bias
-        return _Stack(A, B, new_bias)
+        d_in, d_out = self.A.shape[1], self.B.shape[2]
+        return _Stack(A, B, self._grow(self.bias, bias, n_slots, d_out, 0.0),
+                      self._grow(self.in_scale, in_scale, n_slots, d_in, 1.0),
+                      self._grow(self.out_scale, out_scale, n_slots, d_out, 1.0),
+                      self._grow(self.shift, out_scale, n_slots, d_out, 0.0))
+
+    def _grow(self, old: torch.Tensor | None, wanted: bool, n_slots: int, width: int, fill: float):
+        """`old` grown to `n_slots` rows (new rows `fill`), or a new stack if `wanted`, else None."""
+        if old is None and not wanted:
+            return None
+        new = self.A.new_full((n_slots, width), fill)
+        if old is not None:
+            new[: old.shape[0]] = old
+        return new
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """Which slots have which terms in one module; replaced whole, never edited."""
+
+    lowrank: frozenset[int] = frozenset()
+    in_scale: frozenset[int] = frozenset()
+    out_scale: frozenset[int] = frozenset()
+    in_ops: tuple[tuple[int, object], ...] = ()  # (slot, op)
+    add_ops: tuple[tuple[int, object], ...] = ()
+
+    @property
+    def any(self) -> frozenset[int]:
+        ops = {slot for slot, _ in self.in_ops + self.add_ops}
+        return self.lowrank | self.in_scale | self.out_scale | ops
+
+    def without(self, slot: int) -> _Usage:
+        return _Usage(self.lowrank - {slot}, self.in_scale - {slot}, self.out_scale - {slot},
+                      tuple(p for p in self.in_ops if p[0] != slot), tuple(p for p in self.add_ops if p[0] != slot))
 
 
 class _LowRankBase(nn.Module):
-    """Stacked low-rank weights of every slot for one base module.
+    """Every slot's weights for one base module (see the module docstring).
 
     Writers (`resize`, `assign`) are serialised by the caller (the runtime's lock); forwards
-    run concurrently with them and read `self.stack` once.
+    run concurrently with them and read `self.stack` and `self.usage` once.
     """
 
     def __init__(self, base: nn.Module, d_in: int, d_out: int, n_slots: int, rank: int, bias: bool) -> None:
@@ -118,7 +155,12 @@ class _LowRankBase(nn.Module):
         ref = next(base.parameters())
         self.stack = _Stack(ref.new_zeros(n_slots, d_in, rank), ref.new_zeros(n_slots, rank, d_out),
                             ref.new_zeros(n_slots, d_out) if bias else None)
-        self.used: frozenset[int] = frozenset()  # slots with a non-zero delta here; replaced, never edited
+        self.usage = _Usage()
+
+    @property
+    def used(self) -> frozenset[int]:
+        """Slots whose adapter changes this module."""
+        return self.usage.any
 
     @property
     def A(self) -> torch.Tensor:
@@ -136,89 +178,159 @@ class _LowRankBase(nn.Module):
     def rank(self) -> int:
         return self.stack.rank
 
-    def resize(self, n_slots: int, rank: int, bias: bool) -> None:
-        """Grow to at least `n_slots` slots and `rank` (and a bias stack if `bias`).
+    def resize(self, n_slots: int, rank: int, bias: bool, in_scale: bool = False, out_scale: bool = False) -> None:
+        """Grow to at least `n_slots` slots and `rank`, adding the stacks asked for.
 
         Running calls keep the stack they read; the new one holds the same weights."""
         old = self.stack
-        if n_slots > old.n_slots or rank > old.rank or (bias and old.bias is None):
-            self.stack = old.grown(n_slots, rank, bias)  # one reference swap
+        if (n_slots > old.n_slots or rank > old.rank or (bias and old.bias is None)
+                or (in_scale and old.in_scale is None) or (out_scale and old.out_scale is None)):
+            self.stack = old.grown(n_slots, rank, bias, in_scale, out_scale)  # one reference swap
 
     def assign(self, slot: int, delta: ModuleDelta | None) -> None:
         """Write one adapter's weights into `slot`, or clear it (the slot must not be in use)."""
         stack = self.stack
-        self.used = self.used - {slot}
-        stack.A[slot].zero_()
-        stack.B[slot].zero_()
-        if stack.bias is not None:
-            stack.bias[slot].zero_()
-        if delta is None or delta.rank == 0:  # rank 0: a module pruned away (AdaLoRA) adds nothing
+        self.usage = usage = self.usage.without(slot)
+        self._clear(stack, slot)
+        if delta is None or delta.empty:  # empty: a module pruned away (AdaLoRA) adds nothing
             return
-        r = delta.rank
-        stack.A[slot, :, :r] = delta.A.T.to(stack.A)
-        stack.B[slot, :r] = delta.B.T.to(stack.B)
-        if delta.bias is not None:
-            stack.bias[slot] = delta.bias.to(stack.bias)
-        self.used = self.used | {slot}
+        lowrank, in_scaled, out_scaled = set(usage.lowrank), set(usage.in_scale), set(usage.out_scale)
+        if delta.rank:
+            stack.A[slot, :, : delta.rank] = delta.A.T.to(stack.A)
+            stack.B[slot, : delta.rank] = delta.B.T.to(stack.B)
+            if delta.bias is not None:
+                stack.bias[slot] = delta.bias.to(stack.bias)
+            lowrank.add(slot)
+        if delta.in_scale is not None:
+            stack.in_scale[slot] = delta.in_scale.to(stack.in_scale)
+            in_scaled.add(slot)
+        if delta.out_scale is not None:
+            stack.out_scale[slot] = delta.out_scale.to(stack.out_scale)
+            stack.shift[slot] = self._shift(delta).to(stack.shift)
+            out_scaled.add(slot)
+        ref = stack.A
+        self.usage = _Usage(frozenset(lowrank), frozenset(in_scaled), frozenset(out_scaled),
+                            usage.in_ops + (((slot, delta.in_op.to(ref)),) if delta.in_op else ()),
+                            usage.add_ops + (((slot, delta.add_op.to(ref)),) if delta.add_op else ()))
 
-    def _active(self, route: Route | None) -> bool:
-        """Whether any row of this call uses an adapter with weights here."""
-        return route is not None and not self.used.isdisjoint(route.distinct)
+    def _shift(self, delta: ModuleDelta) -> torch.Tensor:
+        """(1 - out_scale) * b: what keeps the base bias unscaled (DoRA, BOFT); 0 for IA3."""
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None or delta.scale_bias:
+            return torch.zeros_like(delta.out_scale)
+        return (1 - delta.out_scale) * bias.detach().float().to(delta.out_scale.device)
 
-    def _add_delta(self, out: torch.Tensor, h: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
-        """out += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r] for N leading rows.
+    @staticmethod
+    def _clear(stack: _Stack, slot: int) -> None:
+        """Reset every term of `slot` to the identity."""
+        for tensor, fill in ((stack.A, 0), (stack.B, 0), (stack.bias, 0), (stack.in_scale, 1), (stack.out_scale, 1),
+                             (stack.shift, 0)):
+            if tensor is not None:
+                tensor[slot].fill_(fill)
 
-        `out` is the base layer's fresh output, so accumulating into it saves a copy."""
-        out = out if out.is_contiguous() else out.contiguous()
+    def _active(self, route: Route | None, usage: _Usage) -> bool:
+        """Whether any row of this call uses an adapter that changes this module."""
+        return route is not None and not usage.any.isdisjoint(route.distinct)
+
+    def _per_row(self, table: torch.Tensor, route: Route, n: int) -> torch.Tensor:
+        """Each row's entry of a per-slot stack, broadcastable over `[N, T, width]`."""
+        if route.uniform is not None:
+            return table[route.uniform]
+        return table.index_select(0, route.rows(n))[:, None, :]
+
+    def _scale_output(self, out: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
+        """out * out_scale[slot] + shift[slot] per row (DoRA, IA3, BOFT rows), as `[N, T, out]`."""
         n = out.shape[0]
-        out3 = out.view(n, -1, self.d_out)  # [N, T, out]
+        out3 = out.reshape(n, -1, self.d_out)
+        if usage.out_scale.isdisjoint(route.distinct):
+            return out3
+        return torch.addcmul(self._per_row(stack.shift, route, n), out3, self._per_row(stack.out_scale, route, n))
+
+    def _add_delta(self, out3: torch.Tensor, h: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
+        """out3 += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r], out3 [N, T, out].
+
+        `out3` is a fresh output of this layer, so accumulating into it saves a copy."""
+        out3 = out3 if out3.is_contiguous() else out3.contiguous()
         if route.uniform is not None:
             s = route.uniform
             out3.view(-1, self.d_out).addmm_(h.reshape(-1, stack.rank), stack.B[s])
-            if stack.bias is not None:
-                out3 += stack.bias[s]
         else:
-            idx = route.rows(n)
-            out3.baddbmm_(h, stack.B.index_select(0, idx))
-            if stack.bias is not None:
-                out3 += stack.bias.index_select(0, idx)[:, None, :]
-        return out
+            out3.baddbmm_(h, stack.B.index_select(0, route.rows(out3.shape[0])))
+        if stack.bias is not None:
+            out3 += self._per_row(stack.bias, route, out3.shape[0])
+        return out3
+
+
+def _grouped(ops: tuple[tuple[int, object], ...], route: Route, n: int) -> Iterator[tuple[torch.Tensor | None, object]]:
+    """(rows, op) for each op whose slot has rows in this call; rows None when every row has it."""
+    for slot, op in ops:
+        if slot not in route.distinct:
+            continue
+        if route.uniform is not None:
+            yield None, op
+        else:
+            yield (route.rows(n) == slot).nonzero().squeeze(1), op
 
 
 class LowRankLinear(_LowRankBase):
-    """A Linear (or GPT-2 Conv1D) with every adapter's low-rank delta, routed per row."""
+    """A Linear (or GPT-2 Conv1D) with every adapter's terms, routed per row."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        stack = self.stack  # read once: a concurrent resize swaps it whole
-        out = self.base_layer(x, *args, **kwargs)
+        stack, usage = self.stack, self.usage  # read once: a concurrent resize swaps them whole
         route = current_route()
-        if not self._active(route):
-            return out
+        if not self._active(route, usage):
+            return self.base_layer(x, *args, **kwargs)
         if x.dim() < 2:
             raise RuntimeError("a routed module received an input without a batch dimension; Switchyard cannot "
                                "route this model")
         n = x.shape[0]
-        x3 = x.reshape(n, -1, self.d_in).to(stack.A.dtype)  # [N, T, in]
-        if route.uniform is not None:
-            h = x3 @ stack.A[route.uniform]  # [N, T, r]
-        else:
-            h = torch.bmm(x3, stack.A.index_select(0, route.rows(n)))  # [N, T, r]
-        return self._add_delta(out, h, route, stack)
+        x3 = x.reshape(n, -1, self.d_in)  # [N, T, in]
+        x_in = self._transform_input(x3, route, stack, usage)
+        out3 = self._scale_output(self.base_layer(x_in.reshape(x.shape).to(x.dtype), *args, **kwargs), route,
+                                  stack, usage)
+        xs = x3.to(stack.A.dtype)
+        if not usage.lowrank.isdisjoint(route.distinct):
+            if route.uniform is not None:
+                h = xs @ stack.A[route.uniform]  # [N, T, r]
+            else:
+                h = torch.bmm(xs, stack.A.index_select(0, route.rows(n)))  # [N, T, r]
+            out3 = self._add_delta(out3, h, route, stack)
+        for rows, op in _grouped(usage.add_ops, route, n):
+            if rows is None:
+                out3 = out3 + op(xs).to(out3.dtype)
+            else:
+                out3 = out3.index_add(0, rows, op(xs.index_select(0, rows)).to(out3.dtype))
+        return out3.reshape(*x.shape[:-1], self.d_out)
+
+    def _transform_input(self, x3: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
+        """x' per row: in_scale[slot] * x (IA3 feed-forward), in_op[slot](x) (OFT, BOFT)."""
+        if not usage.in_scale.isdisjoint(route.distinct):
+            x3 = x3.to(stack.in_scale.dtype) * self._per_row(stack.in_scale, route, x3.shape[0])
+        for rows, op in _grouped(usage.in_ops, route, x3.shape[0]):
+            if rows is None:
+                x3 = op(x3.to(stack.A.dtype))
+            else:
+                x3 = x3.index_copy(0, rows, op(x3.index_select(0, rows).to(stack.A.dtype)).to(x3.dtype))
+        return x3
 
 
 class LowRankEmbedding(_LowRankBase):
-    """An Embedding with every adapter's LoRA (A indexed by token, then B), routed per row."""
+    """An Embedding with every adapter's LoRA (A indexed by token, then B) and output scale
+    (DoRA), routed per row."""
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        stack = self.stack  # read once: a concurrent resize swaps it whole
+        stack, usage = self.stack, self.usage  # read once: a concurrent resize swaps them whole
         out = self.base_layer(ids, *args, **kwargs)
         route = current_route()
-        if not self._active(route):
+        if not self._active(route, usage):
             return out
         if ids.dim() < 2:
             raise RuntimeError("a routed module received an input without a batch dimension; Switchyard cannot "
                                "route this model")
         n, vocab = ids.shape[0], self.d_in
+        out3 = self._scale_output(out, route, stack, usage)
+        if usage.lowrank.isdisjoint(route.distinct):
+            return out3.reshape(out.shape)
         if route.uniform is not None:
             h = F.embedding(ids, stack.A[route.uniform])  # [N, T, r]
         else:
@@ -227,7 +339,7 @@ class LowRankEmbedding(_LowRankBase):
         scale = getattr(self.base_layer, "embed_scale", None)  # Gemma-style scaled embeddings
         if scale is not None:
             h = h * scale
-        return self._add_delta(out, h.reshape(n, -1, stack.rank), route, stack)
+        return self._add_delta(out3, h.reshape(n, -1, stack.rank), route, stack).reshape(out.shape)
 
 
 class RoutedHead(nn.Module):

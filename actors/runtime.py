@@ -99,10 +99,11 @@ class AdapterRuntime:
         """Wrap (once) every module this adapter touches and size its stacks for it."""
         n_slots = self.capacity + 1
         for name, delta in weights.deltas.items():
-            if delta.rank == 0:  # a module pruned away (AdaLoRA): nothing to route
+            if delta.empty:  # a module pruned away (AdaLoRA): nothing to route
                 continue
             layer = self._lowrank.get(name) or self._wrap_lowrank(name, n_slots, delta.rank, delta.bias is not None)
-            layer.resize(n_slots, delta.rank, delta.bias is not None)
+            layer.resize(n_slots, delta.rank, delta.bias is not None, delta.in_scale is not None,
+                         delta.out_scale is not None)
         for name in weights.heads:
             if name not in self._heads:
                 self._heads[name] = RoutedHead(self._lowrank.get(name) or self.base.modules[name])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peft import AdaLoraConfig, IA3Config, LoHaConfig
+from peft import AdaLoraConfig, LoHaConfig
 from safetensors.torch import load_file, save_file
 
 import actors.runtime
@@ -364,14 +364,14 @@ def test_loha_conv_tensors_on_a_linear_are_refused(llama_kinds, tmp_path):
 
 
 def test_unknown_type_is_refused_listing_the_registered_kinds(llama, tmp_path):
+    from peft import HRAConfig
     from transformers import AutoModelForCausalLM
 
     model, _ = llama
-    save_adapter(model, tmp_path / "store", "my-ia3", IA3Config(target_modules=["k_proj", "v_proj"],
-                                                                feedforward_modules=[]),
+    save_adapter(model, tmp_path / "store", "my-hra", HRAConfig(r=2, target_modules=["k_proj", "v_proj"]),
                  model_class=AutoModelForCausalLM)
     registered = ", ".join(KINDS)
-    assert registered == "LORA, VERA, ADALORA, LOHA"
-    with pytest.raises(ValueError, match=rf"adapter 'my-ia3' has type IA3; Switchyard routes only {registered} "
+    assert registered == "LORA, VERA, ADALORA, LOHA, IA3, LOKR, OFT, BOFT"
+    with pytest.raises(ValueError, match=rf"adapter 'my-hra' has type HRA; Switchyard routes only {registered} "
                                          r"adapters per row"):
         Predictor(model=model, adapters=str(tmp_path / "store"), task="generate")

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from peft import IA3Config, LoKrConfig, LoraConfig, OFTConfig, PromptTuningConfig
+from peft import BOFTConfig, FourierFTConfig, HRAConfig, LoraConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -50,13 +50,14 @@ def _load(model: str, store, task: str = "generate", **options) -> Predictor:
 # --- adapter types and options that cannot be routed per row ---------------------------
 
 UNROUTABLE = {  # adapter id -> (config factory, what the message must name)
-    "my-ia3": (lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-               r"has type IA3"),
-    "my-lokr": (lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), r"has type LOKR"),
-    "my-oft": (lambda: OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]), r"has type OFT"),
+    "my-hra": (lambda: HRAConfig(r=2, target_modules=["k_proj", "v_proj"]), r"has type HRA"),
+    "my-fourierft": (lambda: FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"]),
+                     r"has type FOURIERFT"),
     "my-prompt": (lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), r"has type PROMPT_TUNING"),
-    "my-dora": (lambda: LoraConfig(r=4, use_dora=True, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
-                r"uses use_dora=True"),
+    "my-alora": (lambda: LoraConfig(r=4, alora_invocation_tokens=[5, 6], init_lora_weights=False,
+                                    target_modules=["q_proj", "v_proj"]), r"uses alora_invocation_tokens=\[5, 6\]"),
+    "my-boft2": (lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj"]),
+                 r"uses boft_n_butterfly_factor=2; Switchyard routes BOFT with butterfly factor 1 only"),
 }
 
 
@@ -239,9 +240,9 @@ def test_load_adapter_after_start_refuses_bad_ids_and_types(llama, tmp_path):
     for bad in ("../lora-qv", "a/b", "", "missing"):
         with pytest.raises(KeyError):
             predictor.load_adapter(bad)
-    save_adapter(model, store, "late-ia3", UNROUTABLE["my-ia3"][0](), model_class=AutoModelForCausalLM)
-    with pytest.raises(ValueError, match=r"adapter 'late-ia3' has type IA3"):
-        predictor.load_adapter("late-ia3")
+    save_adapter(model, store, "late-hra", UNROUTABLE["my-hra"][0](), model_class=AutoModelForCausalLM)
+    with pytest.raises(ValueError, match=r"adapter 'late-hra' has type HRA"):
+        predictor.load_adapter("late-hra")
     assert predictor.adapter_ids == ["lora-qv"]
 
 

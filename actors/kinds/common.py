@@ -1,15 +1,23 @@
 """What every adapter kind shares: the per-module low-rank form, the `Kind` record the
 registry holds, and the helpers kinds use to read safetensors keys against the base model.
 
-Every kind turns an adapter's tensors into `ModuleDelta`s, `delta(x) = x @ A.T @ B.T + bias`
-per module, the adapter's scaling folded into `B` and `bias`; the routed layers
-(`actors/layers.py`) stack those per slot.
+Every kind turns an adapter's tensors into one `ModuleDelta` per module, the terms of one
+template (the adapter's scaling folded in):
+
+    x'  = in_scale * in_op(x)                        IA3 feed-forward: in_scale; OFT/BOFT: in_op
+    y   = out_scale * (W x') + bias_term             DoRA/BOFT: base bias unscaled; IA3: scaled
+    y  += B (A x) + bias                             LoRA, DoRA, AdaLoRA, LoHa, VeRA, trainable tokens
+    y  += add_op(x)                                  LoKr
+
+Terms a kind does not set are the identity. The routed layers (`actors/layers.py`) stack the
+vectors per slot and run the two ops on the rows of their adapter only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,17 +30,38 @@ class AdapterError(ValueError):
     """An adapter that cannot be routed correctly; the message names the adapter."""
 
 
+class RowOp(Protocol):
+    """A structured per-adapter op on the rows of one adapter (OFT's rotation, LoKr's
+    Kronecker product): `op(x)` maps `[N, T, d_in]` to `[N, T, d]`."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, ref: torch.Tensor) -> RowOp:
+        """A copy on `ref`'s device and dtype."""
+
+
 @dataclass
 class ModuleDelta:
-    """One module's contribution: `x @ A.T @ B.T + bias`, scaling already folded in."""
+    """One adapter's change to one module, as the terms of the template above."""
 
-    A: torch.Tensor  # [r, in]  (embedding: [r, num_embeddings])
-    B: torch.Tensor  # [out, r]
-    bias: torch.Tensor | None = None  # [out]
+    A: torch.Tensor | None = None  # [r, in]  (embedding: [r, num_embeddings])
+    B: torch.Tensor | None = None  # [out, r]
+    bias: torch.Tensor | None = None  # [out], added with the low-rank term
+    in_scale: torch.Tensor | None = None  # [in]
+    out_scale: torch.Tensor | None = None  # [out]
+    scale_bias: bool = False  # out_scale scales the base bias too (IA3); else the bias stays (DoRA, BOFT)
+    in_op: RowOp | None = None  # [N, T, in] -> [N, T, in]
+    add_op: RowOp | None = None  # [N, T, in] -> [N, T, out]
+    from_tokens: bool = False  # from `trainable_token_indices`, not a target of the config
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return 0 if self.A is None else self.A.shape[0]
+
+    @property
+    def empty(self) -> bool:
+        """Whether it changes nothing (a module AdaLoRA pruned to rank 0)."""
+        return self.rank == 0 and all(t is None for t in (self.in_scale, self.out_scale, self.in_op, self.add_op))
 
 
 @dataclass(frozen=True)
@@ -49,8 +78,7 @@ class Kind:
             `prefix`, e.g. `"lora_"`): what the canary hands PEFT's layers.
         refuse: `refuse(config, adapter_id)` raises AdapterError for options it cannot route.
         deltas: `deltas(tensors, config, modules, adapter_id)` pops the kind's tensors and
-            returns a `ModuleDelta` per module (every kind today folds into the stacked
-            low-rank op of `actors/layers.py`).
+            returns a `ModuleDelta` per module.
     """
 
     peft_type: str
