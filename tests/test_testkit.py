@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from peft import (  # noqa: E402
+    BOFTConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -265,6 +266,7 @@ ADAPTER_CASES: dict[str, tuple[str, object, PeftConfig]] = {
     "lokr": ("llama", AutoModelForCausalLM, LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
     "oft": ("llama", AutoModelForCausalLM, OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])),
     "dora": ("llama", AutoModelForCausalLM, LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "v_proj"])),
+    "boft": ("llama", AutoModelForCausalLM, BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"])),
     "bert_lora_seq_cls": ("bert", AutoModelForSequenceClassification, LoraConfig(
         task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
     "vit_lora_head": ("vit", AutoModelForImageClassification, LoraConfig(

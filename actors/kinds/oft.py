@@ -23,6 +23,9 @@ from actors.kinds.common import AdapterError, Kind, ModuleDelta, adapted_modules
     refuse_leftovers
 
 
+MARKERS = ("oft_R.weight", "oft_embedding_R.weight")
+
+
 class BlockRotation:
     """`x -> x @ blockdiag(R)` on the last dimension, R `[k, bs, bs]` (PEFT's einsum)."""
 
@@ -43,8 +46,8 @@ def refuse_linear_only(modules: dict[str, nn.Module], name: str, adapter_id: str
     module = modules.get(name)
     if module is not None and not isinstance(module, nn.Linear):
         raise AdapterError(f"adapter {adapter_id!r}: {title} on module {name} of type {type(module).__name__} is not "
-                           f"supported: Switchyard routes {title} on torch Linear modules only (PEFT has no {title} "
-                           "layer for GPT-2's Conv1D); drop it from target_modules or train LoRA for it")
+                           f"supported: Switchyard routes {title} on torch Linear modules only (PEFT's {title} has no "
+                           "layer for GPT-2's Conv1D at all); drop it from target_modules or train LoRA for it")
 
 
 def refuse_oft_options(config, adapter_id: str) -> None:
@@ -69,8 +72,8 @@ def oft_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id:
         A ModuleDelta per adapted module.
     """
     deltas = {}
-    for name, _ in adapted_modules(tensors, ("oft_R.weight",)):
-        refuse_linear_only(modules, name, adapter_id, "OFT")
+    for name, _ in adapted_modules(tensors, MARKERS):
+        refuse_linear_only(modules, name, adapter_id, "OFT")  # an Embedding's rotation: oft_embedding_R
         d_in, _ = dims_of(modules, name, adapter_id)
         params = pop_tensor(tensors, name, "oft_R.weight", adapter_id)  # [k or 1, bs (bs-1) / 2]
         block = _block_size(params, d_in, config, name, adapter_id)
@@ -104,5 +107,5 @@ def _rotation_blocks(params: torch.Tensor, block: int, d_in: int, config) -> tor
     return blocks.repeat(d_in // block, 1, 1) if config.block_share else blocks
 
 
-KIND = Kind(peft_type="OFT", title="OFT", config_class="OFTConfig", markers=("oft_R.weight",),
+KIND = Kind(peft_type="OFT", title="OFT", config_class="OFTConfig", markers=MARKERS,
             tensor_prefix="oft_", refuse=refuse_oft_options, deltas=oft_deltas)
