@@ -177,11 +177,13 @@ def _refuse_escape(file: Path, folder: Path, adapter_id: str) -> None:
 
 
 def _header_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """Uninitialised tensors with the shapes the safetensors header declares (no data is read)."""
+    """Zero tensors with the shapes the safetensors header declares (no data is read); zeros,
+    not uninitialised memory, so that the kinds' load-time math (OFT's and BOFT's Cayley
+    transforms) runs on defined values."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
-        return {key: torch.empty(handle.get_slice(key).get_shape(), dtype=torch.float32)
+        return {key: torch.zeros(handle.get_slice(key).get_shape(), dtype=torch.float32)
                 for key in handle.keys()}
 
 

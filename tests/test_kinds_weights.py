@@ -342,3 +342,31 @@ def test_trainable_tokens_of_other_layers_and_broken_dora_are_refused(llama, tmp
     with pytest.raises(ValueError, match=r"adapter 'ia3-ff': ia3_l of module model\.layers\.0\.mlp\.down_proj has "
                                          r"shape \(1, 128\), but the base module .* needs \(64, 1\)"):
         Predictor(model=model, adapters=str(tmp_path / "c"), task="generate")
+
+
+@pytest.mark.parametrize("values", [True, False])
+def test_driver_check_on_a_meta_base_accepts_every_weight_kind(llama_weights, gpt2_weights, values):
+    """The job's and Serve's up-front check (a meta-device base, no weights loaded) reads the
+    new kinds too: DoRA's norm and the token deltas need base values, so there only shapes count."""
+    from actors.validation import validate_store
+
+    for model, store in (llama_weights, gpt2_weights):
+        assert validate_store(model, store, "generate", values=values) == sorted(p.name for p in Path(store).iterdir())
+
+
+def test_driver_check_refuses_a_broken_weight_kind_before_any_model_work(llama_weights, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from actors.validation import validate_store
+
+    model, store = llama_weights
+    adapter = Path(shutil.copytree(Path(store) / "lokr", tmp_path / "store" / "lokr-cut"))
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lokr_w1"
+    tensors[key] = tensors[key][:4]
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter 'lokr-cut': LoKr factors of module model\.layers\.0\.self_attn\."
+                                         r"q_proj \(\(4, 8\) x .*\) do not fit the base module \(in 64, out 64\)"):
+        validate_store(model, str(tmp_path / "store"), "generate", values=False)
