@@ -370,3 +370,19 @@ def test_driver_check_refuses_a_broken_weight_kind_before_any_model_work(llama_w
     with pytest.raises(ValueError, match=r"adapter 'lokr-cut': LoKr factors of module model\.layers\.0\.self_attn\."
                                          r"q_proj \(\(4, 8\) x .*\) do not fit the base module \(in 64, out 64\)"):
         validate_store(model, str(tmp_path / "store"), "generate", values=False)
+
+
+def test_batch_job_runs_every_weight_kind_as_the_oracle(ray_cluster, llama_weights, tmp_path):
+    """The same store through the Ray Data job (two actors), fan-out rows included."""
+    from test_job import _job
+
+    model, store = llama_weights
+    named = [[a] for a in LLAMA_IDS] + [["dora", "oft", None], [], ["boft", "tokens"]]
+    prompts = [SENTENCES[i % 4][: 6 + 5 * (i % 5)] for i in range(len(named))]
+    table = pa.table({"id": list(range(len(named))), "prompt": prompts,
+                      "adapter_ids": pa.array(named, pa.list_(pa.string()))})
+    rows = _job(tmp_path, model, store, "generate", table, "--max-new-tokens", "4")
+    assert len(rows) == sum(max(1, len(a)) for a in named)
+    for row in rows:
+        assert row["prompt"] == prompts[row["id"]]
+        _same_as_oracle(model, store, row, 4)

@@ -352,6 +352,40 @@ def test_load_and_unload_adapter(gen, client):
     shutil.rmtree(Path(gen.store) / "late")
 
 
+def test_every_weight_kind_loads_and_serves_in_one_mixed_batch(gen, client):
+    """DoRA, trainable tokens, IA3, LoKr, OFT and BOFT adapters copied into the store load through
+    /v1/load_lora_adapter (the canary runs for each) and answer concurrent requests as PEFT does."""
+    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig
+    from transformers import AutoModelForCausalLM
+
+    from testkit.adapters import save_adapter
+
+    configs = {
+        "late-dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, target_modules=["q_proj"]),
+        "late-tokens": LoraConfig(r=2, init_lora_weights=False, target_modules=["v_proj"],
+                                  trainable_token_indices=oracle.processor(gen.model, "generate")("the cat").input_ids),
+        "late-ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "late-lokr": LoKrConfig(r=2, alpha=64, target_modules=["v_proj", "up_proj"]),
+        "late-oft": OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "gate_proj"]),
+        "late-boft": BOFTConfig(boft_block_size=8, target_modules=["o_proj"]),
+    }
+    url = f"{gen.url}/v1"
+    for seed, (name, config) in enumerate(configs.items(), start=21):
+        save_adapter(gen.model, gen.store, name, config, model_class=AutoModelForCausalLM, seed=seed)
+        loaded = client.post(f"{url}/load_lora_adapter", json={"lora_name": name})
+        assert loaded.status_code == 200 and loaded.json()["status"] == "loaded", loaded.text
+    try:
+        models = [*configs, gen.base, "lora-qv", *configs]
+        prompts = [SENTENCES[i % 5][: 7 + 5 * (i % 4)] for i in range(len(models))]
+        responses = _post_all([(f"{url}/completions", {"model": m, "prompt": p}) for m, p in zip(models, prompts)])
+        for model, prompt, response in zip(models, prompts, responses):
+            _check_completion(gen, response, model, [prompt])
+    finally:
+        for name in configs:
+            client.post(f"{url}/unload_lora_adapter", json={"lora_name": name})
+            shutil.rmtree(Path(gen.store) / name)
+
+
 # ---------------------------------------------------------------------------------------
 # Classify, embed, classify-image
 # ---------------------------------------------------------------------------------------
