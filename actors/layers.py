@@ -48,6 +48,7 @@ class Route:
         self.uniform = next(iter(distinct)) if len(distinct) == 1 else None
         self.distinct = distinct - {0}
         self._expanded: dict[int, torch.Tensor] = {self.batch_size: slots}
+        self._members: dict[tuple[int, int], torch.Tensor] = {}
 
     def rows(self, n: int) -> torch.Tensor:
         """Slot per leading row when a module sees `n` rows; models that unfold each batch
@@ -58,6 +59,14 @@ class Route:
                                    "reshapes its batch in a way Switchyard cannot route")
             self._expanded[n] = self.slots.repeat_interleave(n // self.batch_size)
         return self._expanded[n]
+
+    def members(self, n: int, slot: int) -> torch.Tensor:
+        """Indices of the leading rows (of `n`) that use `slot`; computed once per call, not
+        once per module."""
+        key = (n, slot)
+        if key not in self._members:
+            self._members[key] = (self.rows(n) == slot).nonzero().squeeze(1)
+        return self._members[key]
 
 
 @contextlib.contextmanager
@@ -269,7 +278,7 @@ def _grouped(ops: tuple[tuple[int, object], ...], route: Route, n: int) -> Itera
         if route.uniform is not None:
             yield None, op
         else:
-            yield (route.rows(n) == slot).nonzero().squeeze(1), op
+            yield route.members(n, slot), op
 
 
 class LowRankLinear(_LowRankBase):

@@ -1,12 +1,12 @@
 """Built-in demo assets: a small Llama, an adapter store (LoRA of several ranks and targets,
-rsLoRA, LoRA on embeddings and lm_head, VeRA) and a Parquet file of mixed-adapter rows
-(base rows, a fan-out row, an unknown adapter id)."""
+rsLoRA, LoRA on embeddings and lm_head, VeRA, DoRA, IA3, OFT) and a Parquet file of
+mixed-adapter rows (base rows, a fan-out row, an unknown adapter id)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ADAPTERS = ("support-bot", "legal-summarizer", "pirate-speak", "vera-poet")
+ADAPTERS = ("support-bot", "legal-summarizer", "pirate-speak", "vera-poet", "dora-tutor", "ia3-formal", "oft-editor")
 
 
 def build_demo(root: str | Path, rows: int = 240) -> dict[str, str]:
@@ -21,8 +21,8 @@ def build_demo(root: str | Path, rows: int = 240) -> dict[str, str]:
 
 
 def _build_model_and_store(model_dir: Path, store: Path) -> None:
-    """The model folder and four adapters of different kinds."""
-    from peft import LoraConfig, VeraConfig
+    """The model folder and seven adapters of different kinds."""
+    from peft import IA3Config, LoraConfig, OFTConfig, VeraConfig
     from transformers import AutoModelForCausalLM
 
     from testkit.adapters import save_adapter
@@ -36,6 +36,10 @@ def _build_model_and_store(model_dir: Path, store: Path) -> None:
         "pirate-speak": LoraConfig(r=8, lora_alpha=16, target_modules=["embed_tokens", "lm_head"],
                                    init_lora_weights=False),
         "vera-poet": VeraConfig(r=16, target_modules=["q_proj", "up_proj", "down_proj"]),
+        "dora-tutor": LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "o_proj"],
+                                 init_lora_weights=False),
+        "ia3-formal": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "oft-editor": OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "up_proj"]),
     }
     for seed, (name, config) in enumerate(configs.items(), start=1):
         save_adapter(model_dir, store, name, config, model_class=AutoModelForCausalLM, seed=seed)
