@@ -241,13 +241,11 @@ def _expected_scores(model: str, store: str, adapter: str | None, text: str) -> 
     return tuple(oracle.scores(model, store, adapter, "classify", text))
 
 
-@settings(max_examples=12, **PROFILE)
-@given(data=st.data())
-def test_mixed_kind_batches_equal_the_oracle_row_by_row(bert_kinds, data):
-    """Any mix of kinds, base rows and fan-out rows, under a tight adapter capacity."""
-    model, store = bert_kinds
+def check_random_mixed_batch(model: str, store: str, ids: list[str], data) -> None:
+    """A hypothesis-drawn classify batch: any mix of `ids`, base rows and fan-out rows, split
+    into model calls of 3 rows under a capacity of 3 adapters, row by row against the oracle."""
     n = data.draw(st.integers(1, 8))
-    pick = st.sampled_from([None, *TEXT_IDS])
+    pick = st.sampled_from([None, *ids])
     named = data.draw(st.lists(st.lists(pick, min_size=1, max_size=3), min_size=n, max_size=n))
     texts = data.draw(st.lists(st.builds(lambda i, k: SENTENCES[i][:k], st.integers(0, len(SENTENCES) - 1),
                                          st.integers(3, 60)), min_size=n, max_size=n))
@@ -258,6 +256,13 @@ def test_mixed_kind_batches_equal_the_oracle_row_by_row(bert_kinds, data):
     for row in out:
         expected = _expected_scores(model, store, row["adapter_id"], texts[row["k"]])
         oracle.assert_close(row["scores"], expected, what=f"{row['adapter_id']} {texts[row['k']]!r}")
+
+
+@settings(max_examples=12, **PROFILE)
+@given(data=st.data())
+def test_mixed_kind_batches_equal_the_oracle_row_by_row(bert_kinds, data):
+    """Any mix of kinds, base rows and fan-out rows, under a tight adapter capacity."""
+    check_random_mixed_batch(*bert_kinds, TEXT_IDS, data)
 
 
 # --- the canary covers the new kinds ------------------------------------------------------

@@ -5,20 +5,19 @@ BERT (classification with and without heads, embeddings) and ViT."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig
 
 import oracle
 from actors import Predictor
 from testkit.data import SENTENCES, png_bytes
-from test_kinds import _store
+from test_kinds import PROFILE, _predictor, _store, check_random_mixed_batch
 
 
 def _dora(**kw) -> LoraConfig:
@@ -29,12 +28,6 @@ def _prompt_tokens(model: str, n: int) -> list[int]:
     """n distinct token ids that the test prompts use (so trainable tokens matter)."""
     ids = oracle.processor(model, "generate")(" ".join(SENTENCES[:4]), add_special_tokens=False).input_ids
     return list(dict.fromkeys(ids))[:n]
-
-
-@functools.lru_cache(maxsize=16)
-def _predictor(model: str, store: str, task: str, **options) -> Predictor:
-    """One Predictor per (model, store, task, options) for the module (runs the canary)."""
-    return Predictor(model=model, adapters=store, task=task, **options)
 
 
 def _same_as_oracle(model: str, store: str, row: dict, n_new: int) -> None:
@@ -70,7 +63,8 @@ def llama_weights(llama, tmp_path_factory):
         "dora-emb": _dora(r=4, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], rank_pattern={"o_proj": 2}),
         "tokens": LoraConfig(r=2, init_lora_weights=False, target_modules=["k_proj"],
                              trainable_token_indices=_prompt_tokens(model, 4)),
-        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj", "up_proj"], feedforward_modules=["down_proj"]),
+        "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj", "up_proj"],
+                         feedforward_modules=["down_proj"]),
         "lokr": LoKrConfig(r=2, alpha=64, target_modules=["q_proj", "up_proj"]),
         "lokr-pattern": LoKrConfig(r=4, alpha=64, decompose_both=True, target_modules=["v_proj", "gate_proj"],
                                    rank_pattern={"gate_proj": 2}, alpha_pattern={"v_proj": 96}),
@@ -199,30 +193,11 @@ def test_bert_classify_weight_kinds_with_and_without_heads(bert_weights):
         oracle.assert_close(row["scores"], expected, what=str(row["adapter_id"]))
 
 
-@functools.lru_cache(maxsize=None)
-def _expected_scores(model: str, store: str, adapter: str | None, text: str) -> tuple:
-    return tuple(oracle.scores(model, store, adapter, "classify", text))
-
-
-@settings(max_examples=10, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, **PROFILE)
 @given(data=st.data())
 def test_mixed_weight_kind_batches_equal_the_oracle_row_by_row(bert_weights, data):
-    """Any mix of kinds, base rows and fan-out rows, split into model calls of 3 rows under a
-    capacity of 3 adapters (so slots are reused by other kinds)."""
-    model, store = bert_weights
-    n = data.draw(st.integers(1, 7))
-    named = data.draw(st.lists(st.lists(st.sampled_from([None, *BERT_IDS]), min_size=1, max_size=3),
-                               min_size=n, max_size=n))
-    texts = data.draw(st.lists(st.builds(lambda i, k: SENTENCES[i][:k], st.integers(0, len(SENTENCES) - 1),
-                                         st.integers(3, 60)), min_size=n, max_size=n))
-    p = _predictor(model, store, "classify", max_batch_rows=3, max_loaded_adapters=3)
-    table = pa.table({"text": texts, "adapter_ids": pa.array(named, pa.list_(pa.string())), "k": list(range(n))})
-    out = p(table).to_pylist()
-    assert len(out) == sum(len(a) for a in named)
-    for row in out:
-        expected = _expected_scores(model, store, row["adapter_id"], texts[row["k"]])
-        oracle.assert_close(row["scores"], expected, what=f"{row['adapter_id']} {texts[row['k']]!r}")
+    """Any mix of the new kinds with base and fan-out rows; slots are reused by other kinds."""
+    check_random_mixed_batch(*bert_weights, BERT_IDS, data)
 
 
 def test_bert_embed_weight_kinds_equal_oracle(bert, tmp_path):

@@ -103,6 +103,11 @@ class Kind:
         return getattr(peft, self.config_class).from_pretrained(path)
 
 
+def refuse_nothing(config, adapter_id: str) -> None:
+    """`Kind.refuse` of a type with no option Switchyard refuses up front (what it cannot route
+    is refused with the module it is on, and dropouts act in training only)."""
+
+
 def module_dims(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module the routed layers can wrap, or None for any other module."""
     from transformers.pytorch_utils import Conv1D

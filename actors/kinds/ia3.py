@@ -12,16 +12,8 @@ from __future__ import annotations
 from torch import nn
 
 from actors.kinds.common import AdapterError, Kind, ModuleDelta, adapted_modules, dims_of, pop_tensor, \
-    refuse_leftovers
+    refuse_leftovers, refuse_nothing
 
-
-def refuse_ia3_options(config, adapter_id: str) -> None:
-    """IA3 has no option Switchyard refuses up front.
-
-    Args:
-        config: the adapter's IA3Config.
-        adapter_id: its id, for messages.
-    """
 
 
 def ia3_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
@@ -60,4 +52,4 @@ def ia3_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id:
 
 
 KIND = Kind(peft_type="IA3", title="IA3", config_class="IA3Config", markers=("ia3_l",),
-            tensor_prefix="ia3_", refuse=refuse_ia3_options, deltas=ia3_deltas)
+            tensor_prefix="ia3_", refuse=refuse_nothing, deltas=ia3_deltas)

@@ -24,19 +24,11 @@ from actors.kinds.common import (
     pattern_value,
     pop_tensor,
     refuse_leftovers,
+    refuse_nothing,
 )
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
-
-def refuse_loha_options(config, adapter_id: str) -> None:
-    """LoHa has no option Switchyard refuses up front: its convolution-only options
-    (`use_effective_conv2d`, the `hada_t1/t2` tensors) are refused with the module they are on.
-
-    Args:
-        config: the adapter's LoHaConfig.
-        adapter_id: its id, for messages.
-    """
 
 
 def loha_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
@@ -93,4 +85,4 @@ def _check_factors(adapter_id: str, name: str, dims: tuple[int, int], r: int, w1
 
 
 KIND = Kind(peft_type="LOHA", title="LoHa", config_class="LoHaConfig", markers=("hada_w1_a",),
-            tensor_prefix="hada_", refuse=refuse_loha_options, deltas=loha_deltas)
+            tensor_prefix="hada_", refuse=refuse_nothing, deltas=loha_deltas)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from actors.kinds.common import AdapterError, Kind, ModuleDelta, PREFIX, adapted_modules, dims_of, pattern_value, \
-    pop_tensor, refuse_leftovers
+    pop_tensor, refuse_leftovers, refuse_nothing
 from actors.kinds.oft import refuse_linear_only
 
 
@@ -35,15 +35,6 @@ class KroneckerDelta:
         return KroneckerDelta(self.w1.to(device=ref.device, dtype=ref.dtype),
                               self.w2.to(device=ref.device, dtype=ref.dtype))
 
-
-def refuse_lokr_options(config, adapter_id: str) -> None:
-    """LoKr has no option Switchyard refuses up front: the convolution-only `lokr_t2` tensors
-    are refused with the module they are on.
-
-    Args:
-        config: the adapter's LoKrConfig.
-        adapter_id: its id, for messages.
-    """
 
 
 def lokr_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
@@ -89,4 +80,4 @@ def _factor(tensors: dict, name: str, factor: str, adapter_id: str) -> torch.Ten
 
 
 KIND = Kind(peft_type="LOKR", title="LoKr", config_class="LoKrConfig", markers=("lokr_w1", "lokr_w1_a"),
-            tensor_prefix="lokr_", refuse=refuse_lokr_options, deltas=lokr_deltas)
+            tensor_prefix="lokr_", refuse=refuse_nothing, deltas=lokr_deltas)

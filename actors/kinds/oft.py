@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from actors.kinds.common import AdapterError, Kind, ModuleDelta, adapted_modules, dims_of, pop_tensor, \
-    refuse_leftovers
+    refuse_leftovers, refuse_nothing
 
 
 MARKERS = ("oft_R.weight", "oft_embedding_R.weight")
@@ -49,14 +49,6 @@ def refuse_linear_only(modules: dict[str, nn.Module], name: str, adapter_id: str
                            f"supported: Switchyard routes {title} on torch Linear modules only (PEFT's {title} has no "
                            "layer for GPT-2's Conv1D at all); drop it from target_modules or train LoRA for it")
 
-
-def refuse_oft_options(config, adapter_id: str) -> None:
-    """OFT has no option Switchyard refuses up front (`module_dropout` acts in training only).
-
-    Args:
-        config: the adapter's OFTConfig.
-        adapter_id: its id, for messages.
-    """
 
 
 def oft_deltas(tensors: dict, config, modules: dict[str, nn.Module], adapter_id: str) -> dict[str, ModuleDelta]:
@@ -108,4 +100,4 @@ def _rotation_blocks(params: torch.Tensor, block: int, d_in: int, config) -> tor
 
 
 KIND = Kind(peft_type="OFT", title="OFT", config_class="OFTConfig", markers=MARKERS,
-            tensor_prefix="oft_", refuse=refuse_oft_options, deltas=oft_deltas)
+            tensor_prefix="oft_", refuse=refuse_nothing, deltas=oft_deltas)
