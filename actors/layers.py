@@ -44,11 +44,13 @@ class Route:
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots  # [B]
         self.batch_size = slots.shape[0]
-        distinct = set(slots.tolist())
+        listed = slots.tolist()
+        distinct = set(listed)
         self.uniform = next(iter(distinct)) if len(distinct) == 1 else None
         self.distinct = distinct - {0}
         self._expanded: dict[int, torch.Tensor] = {self.batch_size: slots}
-        self._members: dict[tuple[int, int], torch.Tensor] = {}
+        self._members: dict[tuple[int, int], torch.Tensor | slice] = {}
+        self._spans = _spans(listed)  # slot -> (start, stop) where its rows are contiguous
 
     def rows(self, n: int) -> torch.Tensor:
         """Slot per leading row when a module sees `n` rows; models that unfold each batch
@@ -60,13 +62,30 @@ class Route:
             self._expanded[n] = self.slots.repeat_interleave(n // self.batch_size)
         return self._expanded[n]
 
-    def members(self, n: int, slot: int) -> torch.Tensor:
-        """Indices of the leading rows (of `n`) that use `slot`; computed once per call, not
-        once per module."""
+    def members(self, n: int, slot: int) -> torch.Tensor | slice:
+        """The leading rows (of `n`) that use `slot`: a slice when they are contiguous (the
+        Predictor orders each call's rows by adapter), else their indices; computed once per
+        call, not once per module."""
         key = (n, slot)
         if key not in self._members:
-            self._members[key] = (self.rows(n) == slot).nonzero().squeeze(1)
+            if slot in self._spans:
+                k = n // self.batch_size
+                start, stop = self._spans[slot]
+                self._members[key] = slice(start * k, stop * k)
+            else:
+                self._members[key] = (self.rows(n) == slot).nonzero().squeeze(1)
         return self._members[key]
+
+
+def _spans(slots: list[int]) -> dict[int, tuple[int, int]]:
+    """slot -> (first row, last row + 1) for every slot whose rows form one contiguous run."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, slot in enumerate(slots):
+        first.setdefault(slot, i)
+        last[slot] = i
+    return {slot: (first[slot], last[slot] + 1) for slot in first
+            if all(slots[i] == slot for i in range(first[slot], last[slot] + 1))}
 
 
 @contextlib.contextmanager
@@ -270,8 +289,10 @@ class _LowRankBase(nn.Module):
         return out3
 
 
-def _grouped(ops: tuple[tuple[int, object], ...], route: Route, n: int) -> Iterator[tuple[torch.Tensor | None, object]]:
-    """(rows, op) for each op whose slot has rows in this call; rows None when every row has it."""
+def _grouped(ops: tuple[tuple[int, object], ...], route: Route,
+             n: int) -> Iterator[tuple[torch.Tensor | slice | None, object]]:
+    """(rows, op) for each op whose slot has rows in this call; rows None when every row has
+    it, a slice when they are contiguous, else their indices."""
     for slot, op in ops:
         if slot not in route.distinct:
             continue
@@ -307,6 +328,8 @@ class LowRankLinear(_LowRankBase):
         for rows, op in _grouped(usage.add_ops, route, n):
             if rows is None:
                 out3 = out3 + op(xs).to(out3.dtype)
+            elif isinstance(rows, slice):  # out3 is this layer's fresh output: add in place
+                out3[rows] += op(xs[rows]).to(out3.dtype)
             else:
                 out3 = out3.index_add(0, rows, op(xs.index_select(0, rows)).to(out3.dtype))
         return out3.reshape(*x.shape[:-1], self.d_out)
@@ -315,9 +338,13 @@ class LowRankLinear(_LowRankBase):
         """x' per row: in_scale[slot] * x (IA3 feed-forward), in_op[slot](x) (OFT, BOFT)."""
         if not usage.in_scale.isdisjoint(route.distinct):
             x3 = x3.to(stack.in_scale.dtype) * self._per_row(stack.in_scale, route, x3.shape[0])
+        copied = False  # the caller's x is never written: the first grouped op copies it
         for rows, op in _grouped(usage.in_ops, route, x3.shape[0]):
             if rows is None:
                 x3 = op(x3.to(stack.A.dtype))
+            elif isinstance(rows, slice):
+                x3, copied = (x3, True) if copied else (x3.clone(), True)
+                x3[rows] = op(x3[rows].to(stack.A.dtype)).to(x3.dtype)
             else:
                 x3 = x3.index_copy(0, rows, op(x3.index_select(0, rows).to(stack.A.dtype)).to(x3.dtype))
         return x3

@@ -200,11 +200,19 @@ class Predictor:
             row.outputs = out
 
     def _call_model(self, group: list[_Row]) -> list[dict]:
-        """Pin the group's adapters, route each row to its slot and run the task."""
+        """Pin the group's adapters, route each row to its slot and run the task, the rows
+        ordered by slot so that each adapter's rows are contiguous (its structured ops then
+        work on slices); the outputs come back in the group's order."""
         adapters = [r.adapter_key for r in group if r.adapter_key is not None]
         with self.runtime.acquire(adapters) as slots, torch.inference_mode():
-            with self.runtime.route([slots.get(r.adapter_key, 0) for r in group]):
-                return self.task.run([r.encoded for r in group])
+            row_slots = [slots.get(r.adapter_key, 0) for r in group]
+            order = sorted(range(len(group)), key=row_slots.__getitem__)
+            with self.runtime.route([row_slots[i] for i in order]):
+                outputs = self.task.run([group[i].encoded for i in order])
+        result: list = [None] * len(group)
+        for i, out in zip(order, outputs):
+            result[i] = out
+        return result
 
     def _output(self, batch: Any, fmt: str, rows: list[_Row]) -> Any:
         """The result batch: pass-through columns, adapter_id, outputs and error."""

@@ -361,3 +361,32 @@ def test_batch_job_runs_every_weight_kind_as_the_oracle(ray_cluster, llama_weigh
     for row in rows:
         assert row["prompt"] == prompts[row["id"]]
         _same_as_oracle(model, store, row, 4)
+
+
+def test_route_members_are_slices_for_contiguous_rows_and_indices_otherwise():
+    from actors.layers import Route
+
+    route = Route(torch.tensor([0, 3, 3, 5, 5, 5, 3]))
+    assert route.members(7, 5) == slice(3, 6)
+    assert route.members(14, 5) == slice(6, 12)  # two rows per batch row (repeat_interleave)
+    assert route.members(7, 3).tolist() == [1, 2, 6]  # not contiguous: indices
+
+
+def test_structured_ops_on_interleaved_and_contiguous_rows_equal_each_row_alone(llama_weights):
+    """The grouped ops gather and scatter rows of interleaved adapters (as the canary routes
+    them) or work on slices (as the Predictor orders them): both equal each row alone."""
+    model, store = llama_weights
+    p = _predictor(model, store, "generate", max_new_tokens=4)
+    slot = {a: p.runtime._loaded[a] for a in ("oft", "lokr", "boft", "ia3", "dora")}
+    text = SENTENCES[2][:20]
+    for order in (["oft", "lokr", "oft", "boft", "lokr", None, "ia3", "dora", "boft"],
+                  ["oft", "oft", "lokr", "lokr", "boft", "boft", None, "ia3", "dora"]):
+        rows = [p.task.encode(text, {"max_new_tokens": 1, "temperature": 0.0}) for _ in order]  # no padding
+        slots = [slot.get(a, 0) for a in order]
+        with torch.inference_mode():
+            with p.runtime.route(slots):
+                mixed = p.task.forward(rows)
+            for k, s in enumerate(slots):
+                with p.runtime.route([s]):
+                    alone = p.task.forward([rows[k]])[0]
+                oracle.assert_close(mixed[k].tolist(), alone.tolist(), what=f"{order[k]} in {order}")
