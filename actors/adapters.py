@@ -42,6 +42,7 @@ class AdapterWeights:
     peft_type: str
     deltas: dict[str, ModuleDelta] = field(default_factory=dict)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    virtual: torch.Tensor | None = None  # [n, d] prompt learning's virtual tokens
 
 
 class BaseTree:
@@ -100,9 +101,13 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     tensors = _read_tensors(path, adapter_id, values)
     modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
+    kind = kind_of(weights.peft_type, adapter_id)
+    if kind.virtual is not None:  # prompt learning: virtual tokens only (no head, no module adapted)
+        weights.virtual = kind.virtual(tensors, config, modules, adapter_id)
+        return weights
     weights.heads = _take_heads(tensors, config, base, adapter_id)
     _refuse_deltas_inside_heads(tensors, config, adapter_id)
-    weights.deltas = kind_of(weights.peft_type, adapter_id).deltas(tensors, config, modules, adapter_id)
+    weights.deltas = kind.deltas(tensors, config, modules, adapter_id)
     _check_targets(weights, config, modules, adapter_id)
     return weights
 

@@ -39,10 +39,13 @@ class Route:
 
     Args:
         slots: slot per batch row (0 = base), a long tensor on the model's device.
+        virtual: per row, its adapter's virtual tokens `[n, d]` (prompt learning) or None;
+            None when no row has any. The task puts them in front of the row's tokens.
     """
 
-    def __init__(self, slots: torch.Tensor) -> None:
+    def __init__(self, slots: torch.Tensor, virtual: list[torch.Tensor | None] | None = None) -> None:
         self.slots = slots  # [B]
+        self.virtual = virtual
         self.batch_size = slots.shape[0]
         listed = slots.tolist()
         distinct = set(listed)

@@ -164,6 +164,8 @@ class Predictor:
                 if row.adapter_key is not None and not self.knows(row.adapter_key):
                     raise RowError("unknown_adapter", f"adapter {row.adapter!r} is not in the adapter store")
                 row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
+                if row.adapter_key is not None:
+                    self.task.check_virtual(row.encoded, self.runtime.virtual_length(row.adapter_key))
             except RowError as e:
                 row.error = str(e)
             except Exception as e:  # noqa: BLE001 - an unexpected encoding failure fails its row only

@@ -63,6 +63,8 @@ class AdapterRuntime:
         self._unbounded = capacity is None
         self.capacity = len(self.adapter_ids) if capacity is None else capacity
         self._free = list(range(self.capacity, 0, -1))  # slot 0 is "no adapter"
+        self._virtual: dict[int, torch.Tensor] = {}  # slot -> prompt learning's virtual tokens [n, d]
+        self._virtual_lengths: dict[str, int] = {}  # adapter id -> its number of virtual tokens
         self._validate_and_prepare()
 
     @property
@@ -93,7 +95,13 @@ class AdapterRuntime:
 
     def _read(self, adapter_id: str) -> AdapterWeights:
         """Read one adapter against the untouched base model."""
-        return read_adapter(self.store.path(adapter_id), adapter_id, self.base)
+        weights = read_adapter(self.store.path(adapter_id), adapter_id, self.base)
+        self._virtual_lengths[adapter_id] = 0 if weights.virtual is None else weights.virtual.shape[0]
+        return weights
+
+    def virtual_length(self, adapter_id: str) -> int:
+        """How many virtual tokens (prompt learning) adapter `adapter_id` puts in front of a row."""
+        return self._virtual_lengths.get(adapter_id, 0)
 
     def _install_modules(self, weights: AdapterWeights) -> None:
         """Wrap (once) every module this adapter touches and size its stacks for it."""
@@ -138,6 +146,9 @@ class AdapterRuntime:
                 layer.assign(slot, weights.deltas.get(name))
             for name, head in self._heads.items():
                 head.assign(slot, self._head_copy(name, weights.heads.get(name)))
+            if weights.virtual is not None:
+                ref = next(self.model.parameters())
+                self._virtual[slot] = weights.virtual.to(device=ref.device, dtype=ref.dtype)
         except Exception:
             self._clear(slot)
             self._free.append(slot)
@@ -150,6 +161,7 @@ class AdapterRuntime:
             layer.assign(slot, None)
         for head in self._heads.values():
             head.assign(slot, None)
+        self._virtual.pop(slot, None)
 
     def _head_copy(self, name: str, state: dict | None) -> nn.Module | None:
         """A copy of base head `name` as the base model had it (no other adapter's routed
@@ -302,5 +314,7 @@ class AdapterRuntime:
     def route(self, slots: list[int]) -> Iterator[None]:
         """Route the next model calls in this thread: row i uses `slots[i]` (0 = base)."""
         device = next(self.model.parameters()).device
-        with routing(Route(torch.tensor(slots, dtype=torch.long, device=device))):
+        virtual = [self._virtual.get(s) for s in slots]
+        with routing(Route(torch.tensor(slots, dtype=torch.long, device=device),
+                           virtual if any(v is not None for v in virtual) else None)):
             yield

@@ -36,6 +36,9 @@ def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0
     """(generated_text, num_generated_tokens, finish_reason) of one row, PEFT alone, every
     sampling parameter passed explicitly."""
     tok, model = processor(model_dir, "generate"), oracle_model(model_dir, store, adapter, "generate")
+    if adapter and model.active_peft_config.is_prompt_learning:
+        assert temperature == 0 and repetition_penalty == 1.0, "the prompt-learning oracle is greedy only"
+        return _finish(tok, model, greedy_over_forward(model, tok(prompt).input_ids, max_new_tokens))
     enc = tok(prompt, return_tensors="pt")
     kwargs = {"do_sample": False, "repetition_penalty": repetition_penalty}
     if temperature > 0:
@@ -45,7 +48,28 @@ def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                              **kwargs)
-    new = out[0, enc.input_ids.shape[1]:].tolist()
+    return _finish(tok, model, out[0, enc.input_ids.shape[1]:].tolist())
+
+
+def greedy_over_forward(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding over PEFT's forward on the whole sequence, without a cache: the oracle
+    for prompt tuning, P-tuning and prefix tuning, whose `generate()` PEFT 0.21.2 gets wrong on
+    transformers 5 (it re-injects the virtual tokens at every step, or drops the prefix)."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            seq = torch.tensor([ids + new])
+            logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
+            new.append(int(logits.argmax()))
+            if new[-1] in eos:
+                break
+    return new
+
+
+def _finish(tok, model, new: list[int]) -> tuple[str, int, str]:
+    """(text, token count, finish_reason) of a row's new tokens, cut at the first EOS."""
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     reason = "length"

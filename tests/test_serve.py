@@ -352,10 +352,11 @@ def test_load_and_unload_adapter(gen, client):
     shutil.rmtree(Path(gen.store) / "late")
 
 
-def test_every_weight_kind_loads_and_serves_in_one_mixed_batch(gen, client):
-    """DoRA, trainable tokens, IA3, LoKr, OFT and BOFT adapters copied into the store load through
-    /v1/load_lora_adapter (the canary runs for each) and answer concurrent requests as PEFT does."""
-    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig
+def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
+    """DoRA, trainable tokens, IA3, LoKr, OFT, BOFT and prompt-tuning adapters copied into the
+    store load through /v1/load_lora_adapter (the canary runs for each) and answer concurrent
+    requests as PEFT does."""
+    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig, PromptTuningConfig
     from transformers import AutoModelForCausalLM
 
     from testkit.adapters import save_adapter
@@ -368,6 +369,7 @@ def test_every_weight_kind_loads_and_serves_in_one_mixed_batch(gen, client):
         "late-lokr": LoKrConfig(r=2, alpha=64, target_modules=["v_proj", "up_proj"]),
         "late-oft": OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "gate_proj"]),
         "late-boft": BOFTConfig(boft_block_size=8, target_modules=["o_proj"]),
+        "late-prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     }
     url = f"{gen.url}/v1"
     for seed, (name, config) in enumerate(configs.items(), start=21):

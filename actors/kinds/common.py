@@ -79,6 +79,8 @@ class Kind:
         refuse: `refuse(config, adapter_id)` raises AdapterError for options it cannot route.
         deltas: `deltas(tensors, config, modules, adapter_id)` pops the kind's tensors and
             returns a `ModuleDelta` per module.
+        virtual: for prompt learning, `virtual(tensors, config, modules, adapter_id)` returns
+            the virtual tokens `[n, d]` put in front of the adapter's rows; None for the others.
     """
 
     peft_type: str
@@ -88,6 +90,7 @@ class Kind:
     tensor_prefix: str
     refuse: Callable[[object, str], None]
     deltas: Callable[[dict, object, dict, str], dict[str, ModuleDelta]]
+    virtual: Callable[[dict, object, dict, str], torch.Tensor] | None = None
 
     def parse_config(self, path: str):
         """PEFT's config object for the adapter folder `path` (`<ConfigClass>.from_pretrained`).

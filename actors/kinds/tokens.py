@@ -69,7 +69,7 @@ def token_targets(config, modules: dict[str, nn.Module], adapter_id: str) -> tup
         AdapterError: indices that are not distinct token ids of the vocabulary, or a form
             Switchyard does not route.
     """
-    name = _input_embedding(modules)
+    name = input_embedding(modules)
     indices = _embedding_indices(config.trainable_token_indices, name, adapter_id)
     vocab, _ = dims_of(modules, name, adapter_id)
     if len(set(indices)) != len(indices) or not all(isinstance(i, int) and 0 <= i < vocab for i in indices):
@@ -78,8 +78,16 @@ def token_targets(config, modules: dict[str, nn.Module], adapter_id: str) -> tup
     return name, indices, _tied_outputs(modules, name, adapter_id)
 
 
-def _input_embedding(modules: dict[str, nn.Module]) -> str:
-    """The name of the model's input embedding (a routed layer may wrap it by now)."""
+def input_embedding(modules: dict[str, nn.Module]) -> str:
+    """The name of the model's input embedding among the untouched base modules (a routed
+    layer may wrap it in the live model by now).
+
+    Args:
+        modules: the untouched base model's modules, by name ("" is the model itself).
+
+    Returns:
+        Its dotted module name.
+    """
     embedding = modules[""].get_input_embeddings()
     while embedding not in modules.values() and hasattr(embedding, "base_layer"):
         embedding = embedding.base_layer

@@ -55,6 +55,10 @@ class Task:
     def run(self, rows: list[Encoded]) -> list[dict]:
         raise NotImplementedError
 
+    def check_virtual(self, row: Encoded, n_virtual: int) -> None:
+        """Raise RowError when the row's adapter's `n_virtual` virtual tokens (prompt learning)
+        make it too long; tasks without token inputs have nothing to check."""
+
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         """The model's main output tensor for `rows` (what the canary compares)."""
         raise NotImplementedError

@@ -48,6 +48,14 @@ class TextTask(Task):
             extra = f" + max_new_tokens {n_new}" if n_new else ""
             raise RowError("too_long", f"{n_input} input tokens{extra} exceed the model's context of {self.context}")
 
+    def check_virtual(self, row: Encoded, n_virtual: int) -> None:
+        """Raise too_long when the row's adapter's virtual tokens take it past the context."""
+        n_new = row.params.get("max_new_tokens", 0)
+        if self.context is not None and n_virtual and len(row.inputs) + n_virtual + n_new > self.context:
+            extra = f" + max_new_tokens {n_new}" if n_new else ""
+            raise RowError("too_long", f"{len(row.inputs)} input tokens + {n_virtual} virtual tokens of its adapter"
+                           f"{extra} exceed the model's context of {self.context}")
+
     def batch(self, rows: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (input_ids, attention_mask) of `rows`."""
         return pad_ids([r.inputs for r in rows], self.pad_id, self.left_padding, self.device)

@@ -1,0 +1,171 @@
+"""Prompt tuning and P-tuning rows in mixed batches against the oracle: PEFT alone, each row
+alone, decoded greedily over PEFT's forward on the whole sequence without a cache (PEFT
+0.21.2's own generate() is wrong for prompt learning on transformers 5), with rows of other
+types and base rows, ragged lengths, fan-out, and batches of prompt rows only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+import oracle
+from actors import Predictor
+from testkit.adapters import save_adapter
+from testkit.data import SENTENCES
+from test_kinds import _predictor, _store
+
+PROMPTS = {
+    "prompt-4": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+    "prompt-9": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=9),
+    "p-tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=32),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_prompts(llama, tmp_path_factory):
+    """(model dir, store dir): Llama with prompt tuning (4 and 9 virtual tokens), P-tuning,
+    and LoRA adapters of the session store (one on the embedding the virtual tokens bypass)."""
+    from transformers import AutoModelForCausalLM
+
+    model, store = llama
+    copies = {a: Path(store) / a for a in ("lora-qv", "lora-emb-head", "vera")}
+    return model, _store(model, tmp_path_factory.mktemp("llama_prompts"), AutoModelForCausalLM, PROMPTS, copies)
+
+
+@pytest.fixture(scope="module")
+def gpt2_prompts(gpt2, tmp_path_factory):
+    """(model dir, store dir): GPT-2 (absolute position embeddings) with the same prompts."""
+    from transformers import AutoModelForCausalLM
+
+    model, store = gpt2
+    return model, _store(model, tmp_path_factory.mktemp("gpt2_prompts"), AutoModelForCausalLM, PROMPTS,
+                         {"attn": Path(store) / "attn"})
+
+
+def _check(model: str, store: str, rows: list[dict], n_new: int) -> None:
+    for row in rows:
+        expected = oracle.generate(model, store, row["adapter_id"], row["prompt"], n_new)
+        assert (row["generated_text"], row["num_generated_tokens"], row["finish_reason"]) == expected, row
+        assert row["error"] is None
+
+
+def _run(p: Predictor, adapters: list, prompts: list[str]) -> list[dict]:
+    return p(pa.table({"prompt": prompts, "adapter_id": adapters})).to_pylist()
+
+
+def test_prompts_change_the_greedy_tokens(llama_prompts):
+    """Guard against a vacuous match: each prompt changes the oracle's own continuation."""
+    model, store = llama_prompts
+    text = SENTENCES[0][:20]
+    base = oracle.generate(model, store, None, text, 6)
+    for adapter in PROMPTS:
+        assert oracle.generate(model, store, adapter, text, 6) != base, adapter
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompt_rows_in_a_mixed_batch_equal_the_oracle(llama_prompts, gpt2_prompts, arch):
+    model, store = {"llama": llama_prompts, "gpt2": gpt2_prompts}[arch]
+    p = _predictor(model, store, "generate", max_new_tokens=5)
+    cycle = [*p.adapter_ids, None, ""]
+    adapters = [cycle[(3 * i) % len(cycle)] for i in range(14)]
+    prompts = [SENTENCES[i % 6][: 4 + 7 * (i % 5)] for i in range(14)]  # ragged: left padding anew
+    _check(model, store, _run(p, adapters, prompts), 5)
+
+
+def test_prompt_only_batches_fan_out_and_prompt_plus_base(llama_prompts):
+    """Only prompt rows (of different lengths of virtual tokens); prompt rows with base rows
+    only; one input fanned out to a prompt, a LoRA on the embedding and the base."""
+    model, store = llama_prompts
+    p = _predictor(model, store, "generate", max_new_tokens=4)
+    rows = _run(p, ["prompt-9", "p-tuning", "prompt-4", "prompt-9"], [SENTENCES[i][: 9 + 8 * i] for i in range(4)])
+    rows += _run(p, ["prompt-4", None, "", "prompt-4"], [SENTENCES[5 + i][: 6 + 5 * i] for i in range(4)])
+    named = [["prompt-9", "lora-emb-head", None, "p-tuning"], ["vera", "prompt-4"]]
+    table = pa.table({"prompt": [SENTENCES[7][:30], SENTENCES[8][:12]],
+                      "adapter_ids": pa.array(named, pa.list_(pa.string()))})
+    fanned = p(table).to_pylist()
+    assert len(fanned) == 6
+    _check(model, store, rows + fanned, 4)
+
+
+def test_virtual_tokens_count_against_the_context(llama_prompts):
+    """A prompt that fits alone is too_long once its adapter's 9 virtual tokens join it."""
+    model, store = llama_prompts
+    p = _predictor(model, store, "generate", max_new_tokens=4)
+    tok = oracle.processor(model, "generate")
+    words = " ".join(SENTENCES * 4)
+    text = next(words[:k] for k in range(len(words), 0, -7) if len(tok(words[:k]).input_ids) <= 128 - 4 - 5)
+    n = len(tok(text).input_ids)
+    rows = {r["adapter_id"]: r for r in _run(p, ["prompt-9", "prompt-4", None], [text] * 3)}
+    assert rows["prompt-9"]["error"] == (f"too_long: {n} input tokens + 9 virtual tokens of its adapter + "
+                                         "max_new_tokens 4 exceed the model's context of 128")
+    assert rows["prompt-4"]["error"] is None and rows[None]["error"] is None
+
+
+def test_prompt_learning_refusals(llama, bert, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model, _ = llama
+    save_adapter(model, tmp_path / "a", "prefix", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                 model_class=AutoModelForCausalLM)
+    with pytest.raises(ValueError, match=r"adapter 'prefix' has type PREFIX_TUNING; Switchyard routes only"):
+        Predictor(model=model, adapters=str(tmp_path / "a"), task="generate")
+    adapter = Path(save_adapter(model, tmp_path / "b", "no-task", PROMPTS["prompt-4"],
+                                model_class=AutoModelForCausalLM))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["task_type"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter 'no-task' has task_type None; PEFT runs its prompt for "
+                                         r"generation only as CAUSAL_LM"):
+        Predictor(model=model, adapters=str(tmp_path / "b"), task="generate")
+    bert_model, _ = bert
+    save_adapter(bert_model, tmp_path / "c", "cls-prompt",
+                 PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+                 model_class=AutoModelForSequenceClassification)
+    with pytest.raises(ValueError, match=r"adapter 'cls-prompt' is a PROMPT_TUNING adapter; Switchyard routes "
+                                         r"prompt learning for --task generate only so far"):
+        Predictor(model=bert_model, adapters=str(tmp_path / "c"), task="classify")
+
+
+def test_prompt_adapters_through_the_batch_job(ray_cluster, llama_prompts, tmp_path):
+    from test_job import _job
+
+    model, store = llama_prompts
+    named = [["prompt-4"], ["p-tuning", "lora-qv"], [], ["prompt-9", None]]
+    prompts = [SENTENCES[i][: 10 + 6 * i] for i in range(len(named))]
+    table = pa.table({"id": list(range(len(named))), "prompt": prompts,
+                      "adapter_ids": pa.array(named, pa.list_(pa.string()))})
+    rows = _job(tmp_path, model, store, "generate", table, "--max-new-tokens", "4")
+    assert len(rows) == 6
+    _check(model, store, rows, 4)
+
+
+def test_canary_checks_prompt_rows_mixed_against_alone(llama_prompts, monkeypatch):
+    """A task that forgot to shift a prompt row's real tokens past its virtual tokens would
+    differ between mixed and alone batches: the canary's third check catches it."""
+    import actors.tasks.generate as generate
+
+    model, store = llama_prompts
+    real = generate.GenerateTask._inputs
+
+    def wrong(self, ids, mask):
+        inputs = real(self, ids, mask)
+        if "inputs_embeds" in inputs:
+            inputs["inputs_embeds"] = inputs["inputs_embeds"].roll(1, dims=0)  # rows get another row's embeddings
+        return inputs
+
+    monkeypatch.setattr(generate.GenerateTask, "_inputs", wrong)
+    with pytest.raises(RuntimeError, match=r"start-up canary: rows of .* in a mixed batch differ from running it "
+                                           r"alone"):
+        Predictor(model=model, adapters=store, task="generate", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("values", [True, False])
+def test_driver_check_on_a_meta_base_reads_prompts(llama_prompts, values):
+    from actors.validation import validate_store
+
+    model, store = llama_prompts
+    assert validate_store(model, store, "generate", values=values) == sorted(p.name for p in Path(store).iterdir())
