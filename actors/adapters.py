@@ -22,7 +22,7 @@ from torch import nn
 
 from actors.kinds import DELTA_MARKERS as _DELTA_MARKERS  # key endings marking one module's weights
 from actors.kinds import KINDS, kind_of
-from actors.kinds.common import PREFIX, WEIGHTS_FILE, AdapterError, ModuleDelta, module_dims
+from actors.kinds.common import PREFIX, WEIGHTS_FILE, AdapterError, ModuleDelta, module_dims, refuse_leftovers
 
 __all__ = ["KINDS", "PREFIX", "WEIGHTS_FILE", "AdapterError", "AdapterWeights", "BaseTree", "ModuleDelta",
            "module_dims", "peft_modules_to_save", "read_adapter"]
@@ -102,8 +102,12 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
     kind = kind_of(weights.peft_type, adapter_id)
-    if kind.virtual is not None:  # prompt learning: virtual tokens only (no head, no module adapted)
+    if kind.virtual is not None:  # prompt learning: virtual tokens and heads, no module adapted
         weights.virtual = kind.virtual(tensors, config, modules, adapter_id)
+        # Its PeftModel has no tuner level, so heads are saved as `base_model.<name>`.
+        tensors = {PREFIX + key.removeprefix("base_model."): value for key, value in tensors.items()}
+        weights.heads = _take_heads(tensors, config, base, adapter_id)
+        refuse_leftovers(tensors, adapter_id)
         return weights
     weights.heads = _take_heads(tensors, config, base, adapter_id)
     _refuse_deltas_inside_heads(tensors, config, adapter_id)

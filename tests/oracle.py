@@ -101,11 +101,14 @@ def scores(model_dir, store, adapter, task, value) -> list[float]:
 
 
 def embedding(model_dir, store, adapter, text, normalize=False) -> list[float]:
-    """Mean-pooled last hidden state of one row, PEFT alone."""
+    """Mean-pooled last hidden state of one row's real tokens, PEFT alone."""
     model = oracle_model(model_dir, store, adapter, "embed")
     inputs = processor(model_dir, "embed")(text, return_tensors="pt")
     with torch.no_grad():
-        pooled = model(**inputs).last_hidden_state[0].mean(0)
+        hidden = model(**inputs).last_hidden_state[0]
+    if adapter and model.active_peft_config.is_prompt_learning:  # Switchyard pools the real tokens only
+        hidden = hidden[model.active_peft_config.num_virtual_tokens:]
+    pooled = hidden.mean(0)
     return (torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).tolist()
 
 

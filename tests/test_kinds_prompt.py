@@ -1,7 +1,8 @@
 """Prompt tuning and P-tuning rows in mixed batches against the oracle: PEFT alone, each row
-alone, decoded greedily over PEFT's forward on the whole sequence without a cache (PEFT
-0.21.2's own generate() is wrong for prompt learning on transformers 5), with rows of other
-types and base rows, ragged lengths, fan-out, and batches of prompt rows only."""
+alone (for generation: decoded greedily over PEFT's forward on the whole sequence without a
+cache, as PEFT 0.21.2's own generate() is wrong for prompt learning on transformers 5), with
+rows of other types and base rows, ragged lengths, fan-out, and batches of prompt rows only;
+generation on Llama and GPT-2, classification (per-adapter heads) and embeddings on BERT."""
 
 from __future__ import annotations
 
@@ -118,16 +119,30 @@ def test_prompt_learning_refusals(llama, bert, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["task_type"] = None
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"adapter 'no-task' has task_type None; PEFT runs its prompt for "
-                                         r"generation only as CAUSAL_LM"):
+    with pytest.raises(ValueError, match=r"adapter 'no-task' has task_type None; PEFT runs its prompt on a "
+                                         r"LlamaForCausalLM only as CAUSAL_LM"):
         Predictor(model=model, adapters=str(tmp_path / "b"), task="generate")
-    bert_model, _ = bert
-    save_adapter(bert_model, tmp_path / "c", "cls-prompt",
+    from testkit.models import build_llama
+
+    classifier = build_llama(tmp_path / "llama-cls", num_labels=3)  # a decoder classifier
+    save_adapter(classifier, tmp_path / "c", "cls-prompt",
                  PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
                  model_class=AutoModelForSequenceClassification)
     with pytest.raises(ValueError, match=r"adapter 'cls-prompt' is a PROMPT_TUNING adapter; Switchyard routes "
-                                         r"prompt learning for --task generate only so far"):
-        Predictor(model=bert_model, adapters=str(tmp_path / "c"), task="classify")
+                                         r"prompt learning for generate on decoder models and for classify and embed "
+                                         r"on encoder models \(BERT-style\) only, not for a "
+                                         r"LlamaForSequenceClassification"):
+        Predictor(model=classifier, adapters=str(tmp_path / "c"), task="classify")
+    bert_model, _ = bert
+    adapter = Path(save_adapter(bert_model, tmp_path / "d", "gen-prompt",
+                                PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+                                model_class=AutoModelForSequenceClassification))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["task_type"] = "CAUSAL_LM"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter 'gen-prompt' has task_type CAUSAL_LM; PEFT runs its prompt on a "
+                                         r"BertForSequenceClassification only as SEQ_CLS"):
+        Predictor(model=bert_model, adapters=str(tmp_path / "d"), task="classify")
 
 
 def test_prompt_adapters_through_the_batch_job(ray_cluster, llama_prompts, tmp_path):
@@ -169,3 +184,53 @@ def test_driver_check_on_a_meta_base_reads_prompts(llama_prompts, values):
 
     model, store = llama_prompts
     assert validate_store(model, store, "generate", values=values) == sorted(p.name for p in Path(store).iterdir())
+
+
+# --- encoders: classification (with per-adapter heads) and embeddings ----------------------------
+
+@pytest.fixture(scope="module")
+def bert_prompts(bert, tmp_path_factory):
+    """(model dir, store dir): BERT classification with SEQ_CLS prompts (PEFT saves each one's
+    own classifier head) beside LoRA adapters with and without heads."""
+    from transformers import AutoModelForSequenceClassification
+
+    model, store = bert
+    configs = {"cls-prompt": PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=5),
+               "cls-ptune": PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=3, encoder_hidden_size=32)}
+    copies = {a: Path(store) / a for a in ("head-a", "no-head")}
+    return model, _store(model, tmp_path_factory.mktemp("bert_prompts"), AutoModelForSequenceClassification,
+                         configs, copies)
+
+
+def test_bert_classify_prompt_rows_equal_the_oracle(bert_prompts):
+    """BERT pools position 0, which for a prompt row is its first virtual token (as in PEFT)."""
+    model, store = bert_prompts
+    p = _predictor(model, store, "classify")
+    text = SENTENCES[3]
+    base = oracle.scores(model, store, None, "classify", text)
+    for adapter in ("cls-prompt", "cls-ptune"):
+        assert max(abs(a - b) for a, b in zip(oracle.scores(model, store, adapter, "classify", text), base)) > 1e-3
+    cycle = [*p.adapter_ids, None]
+    adapters = [cycle[(2 * i) % len(cycle)] for i in range(10)]
+    texts = [SENTENCES[i][: 7 + 8 * (i % 4)] for i in range(10)]
+    for row in p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist():
+        expected = oracle.scores(model, store, row["adapter_id"], "classify", row["text"])
+        oracle.assert_close(row["scores"], expected, what=str(row["adapter_id"]))
+
+
+def test_bert_embed_prompt_rows_pool_their_real_tokens_as_the_oracle(bert_embed, tmp_path):
+    from transformers import AutoModel
+
+    model, embed_store = bert_embed
+    configs = {"emb-prompt": PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4),
+               "emb-ptune": PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=7,
+                                                encoder_hidden_size=32)}
+    store = _store(model, tmp_path / "store", AutoModel, configs, {"emb-a": Path(embed_store) / "emb-a"})
+    p = _predictor(model, store, "embed")
+    adapters = ["emb-prompt", "emb-ptune", None, "emb-a", "emb-prompt", "emb-ptune"]
+    texts = [SENTENCES[i][: 6 + 11 * (i % 3)] for i in range(6)]
+    base = oracle.embedding(model, store, None, texts[0])
+    assert max(abs(a - b) for a, b in zip(oracle.embedding(model, store, "emb-prompt", texts[0]), base)) > 1e-3
+    for row in p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist():
+        expected = oracle.embedding(model, store, row["adapter_id"], row["text"])
+        oracle.assert_close(row["embedding"], expected, what=str(row["adapter_id"]))

@@ -6,9 +6,9 @@ prompt encoder's output, so at inference it is prompt tuning.
 
 Saved key: `prompt_embeddings` [n * num_transformer_submodules, d]. Nothing is routed per
 module: the runtime keeps each slot's P and the task puts it in front of that slot's rows
-(`actors/tasks/generate.py`). PEFT's forward depends on the class its `task_type` picks,
-so an adapter must carry the task_type of the task it runs under (CAUSAL_LM for generate);
-generate is the one task routed so far.
+(`TextTask._inputs`). PEFT's forward depends on the class its `task_type` picks, so an
+adapter must carry the task_type of the task it runs under: CAUSAL_LM for generate, SEQ_CLS
+for classify and FEATURE_EXTRACTION for embed (encoders only, see `_task_type`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actors.kinds.common import WEIGHTS_FILE, AdapterError, Kind, ModuleDelta, refuse_leftovers
+from actors.kinds.common import WEIGHTS_FILE, AdapterError, Kind, ModuleDelta
 from actors.kinds.tokens import input_embedding
 
 KEY = "prompt_embeddings"
@@ -48,7 +48,7 @@ def virtual_tokens(tensors: dict, config, modules: dict[str, nn.Module], adapter
     """The adapter's virtual tokens `[n, d]`, checked against the model and the task.
 
     Args:
-        tensors: the adapter's tensors; consumed.
+        tensors: the adapter's tensors; `prompt_embeddings` is consumed (heads stay).
         config: its PromptTuningConfig or PromptEncoderConfig.
         modules: the untouched base model's modules, by name ("" is the model itself).
         adapter_id: its id, for messages.
@@ -60,17 +60,18 @@ def virtual_tokens(tensors: dict, config, modules: dict[str, nn.Module], adapter
         AdapterError: a task Switchyard does not route prompts for, a task_type PEFT would
             not run the prompt under, or a tensor that does not fit the model.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     model = modules[""]
-    if type(model).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    wanted = _task_type(model)
+    if wanted is None:
         raise AdapterError(f"adapter {adapter_id!r} is a {config.peft_type.value} adapter; Switchyard routes prompt "
-                           f"learning for --task generate only so far, not for a {type(model).__name__}")
+                           "learning for generate on decoder models and for classify and embed on encoder models "
+                           f"(BERT-style) only, not for a {type(model).__name__}")
     task_type = getattr(config.task_type, "value", config.task_type)
-    if task_type != CAUSAL_LM:
-        raise AdapterError(f"adapter {adapter_id!r} has task_type {task_type}; PEFT runs its prompt for generation "
-                           f"only as {CAUSAL_LM} (with another task_type PEFT ignores the prompt): set task_type to "
-                           f"{CAUSAL_LM} in its adapter_config.json if it was trained for generation")
+    if task_type != wanted:
+        raise AdapterError(f"adapter {adapter_id!r} has task_type {task_type}; PEFT runs its prompt on a "
+                           f"{type(model).__name__} only as {wanted} (with another task_type PEFT ignores the prompt "
+                           f"or runs another model class): set task_type to {wanted} in its adapter_config.json if it "
+                           "was trained for this task")
     if KEY not in tensors:
         raise AdapterError(f"adapter {adapter_id!r}: {WEIGHTS_FILE} lacks {KEY}")
     prompt = tensors.pop(KEY)
@@ -79,8 +80,25 @@ def virtual_tokens(tensors: dict, config, modules: dict[str, nn.Module], adapter
         raise AdapterError(f"adapter {adapter_id!r}: {KEY} has shape {tuple(prompt.shape)}, expected "
                            f"({config.num_virtual_tokens}, {d}) for num_virtual_tokens {config.num_virtual_tokens} "
                            "and the model's embedding size")
-    refuse_leftovers(tensors, adapter_id)
     return prompt
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """The task_type under which PEFT runs a prompt on `model` as Switchyard's task does:
+    CAUSAL_LM for a causal LM; SEQ_CLS and FEATURE_EXTRACTION for an encoder's classifier and
+    bare model (an encoder pools a fixed position, so virtual tokens in front leave its
+    padding alone; a decoder classifier given embeddings would pool the last position, padding
+    included: not routed). None for anything else."""
+    from transformers.models.auto import modeling_auto as auto
+
+    name, model_type = type(model).__name__, model.config.model_type
+    if name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return CAUSAL_LM
+    if model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # not an encoder
+        return None
+    if name in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+        return "SEQ_CLS"
+    return "FEATURE_EXTRACTION" if name in auto.MODEL_MAPPING_NAMES.values() else None
 
 
 PROMPT_TUNING = Kind(peft_type="PROMPT_TUNING", title="prompt tuning", config_class="PromptTuningConfig",

@@ -15,6 +15,7 @@ of the file is not applied (a warning names it): `take_model_defaults`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -27,7 +28,6 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
 from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
-from actors.layers import current_route
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -71,6 +71,7 @@ class GenerateTask(TextTask):
         eos = eos if eos is not None else processor.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.defaults = take_model_defaults(model)
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def encode(self, value: Any, params: dict) -> Encoded:
         params = _row_parameters(params, self.config)
@@ -85,28 +86,9 @@ class GenerateTask(TextTask):
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
         inputs = self._inputs(ids, mask)
-        # Explicit positions, as generate() gives them: the logits do not depend on the padding.
-        inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        if self.takes_positions:  # as generate() gives them: the logits do not depend on the padding
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
         return self.model(**inputs).logits[:, -ids.shape[1]:].float()  # [B, T, V], the real tokens' positions
-
-    def _inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-        """Model inputs for left-padded `ids`: the ids themselves, or, when rows of the call's
-        route have virtual tokens (prompt tuning, P-tuning), embeddings with each row's
-        virtual tokens in front of its own, left-padded anew (PEFT puts them in front of the
-        row alone: positions 0..n+L-1, n ones in the mask)."""
-        route = current_route()
-        if route is None or route.virtual is None:
-            return {"input_ids": ids, "attention_mask": mask}
-        embeds = self.model.get_input_embeddings()(ids)  # [B, L, d], the routed embedding for every row
-        rows = [embeds[b][mask[b].bool()] for b in range(ids.shape[0])]  # each row's real tokens
-        rows = [r if v is None else torch.cat([v.to(r.dtype), r]) for r, v in zip(rows, route.virtual)]
-        length = max(r.shape[0] for r in rows)
-        out = embeds.new_zeros(len(rows), length, embeds.shape[2])  # [B, T, d]
-        out_mask = mask.new_zeros(len(rows), length)
-        for b, r in enumerate(rows):
-            out[b, length - r.shape[0]:] = r
-            out_mask[b, length - r.shape[0]:] = 1
-        return {"inputs_embeds": out, "attention_mask": out_mask}
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         ids, mask = self.batch(rows)

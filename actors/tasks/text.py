@@ -10,6 +10,7 @@ import torch
 
 from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
 from actors.embedding import embedding_spec
+from actors.layers import current_route
 from actors.tasks.base import Encoded, RowError, Task, context_length, is_missing, pad_ids
 from actors.tasks.pooling import pool
 
@@ -60,6 +61,26 @@ class TextTask(Task):
         """Padded (input_ids, attention_mask) of `rows`."""
         return pad_ids([r.inputs for r in rows], self.pad_id, self.left_padding, self.device)
 
+    def _inputs(self, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Model inputs for padded `ids`: the ids themselves, or, when rows of the call's route
+        have virtual tokens (prompt tuning, P-tuning), embeddings with each row's virtual tokens
+        in front of its own tokens, padded anew on the task's side (PEFT puts them in front of
+        the row alone: n more positions, n ones in front of the mask)."""
+        route = current_route()
+        if route is None or route.virtual is None:
+            return {"input_ids": ids, "attention_mask": mask}
+        embeds = self.model.get_input_embeddings()(ids)  # [B, L, d], the routed embedding for every row
+        rows = [embeds[b][mask[b].bool()] for b in range(ids.shape[0])]  # each row's real tokens
+        rows = [r if v is None else torch.cat([v.to(r.dtype), r]) for r, v in zip(rows, route.virtual)]
+        length = max(r.shape[0] for r in rows)
+        out = embeds.new_zeros(len(rows), length, embeds.shape[2])  # [B, T, d]
+        out_mask = mask.new_zeros(len(rows), length)
+        for b, r in enumerate(rows):
+            span = slice(length - r.shape[0], length) if self.left_padding else slice(0, r.shape[0])
+            out[b, span] = r
+            out_mask[b, span] = 1
+        return {"inputs_embeds": out, "attention_mask": out_mask}
+
     def synthetic(self, n: int, seed: int) -> list[Encoded]:
         """`n` rows of 6 random token ids each."""
         gen = torch.Generator().manual_seed(seed)
@@ -82,7 +103,7 @@ class ClassifyTask(TextTask):
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
-        return self.model(input_ids=ids, attention_mask=mask).logits.float()  # [B, labels]
+        return self.model(**self._inputs(ids, mask)).logits.float()  # [B, labels]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         return label_rows(self.forward(rows), self.model.config.id2label, self.score_function)
@@ -112,11 +133,24 @@ class EmbedTask(TextTask):
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # [B, T, H]
+        inputs = self._inputs(ids, mask)
+        hidden = self.model(**inputs).last_hidden_state.float()  # [B, T, H]
+        if "inputs_embeds" in inputs:  # pool the real tokens only: drop each row's virtual positions
+            hidden = _real_positions(hidden, mask, current_route().virtual)
         return pool(hidden, mask, self.spec)  # [B, H * modes]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         return [{"embedding": e} for e in self.forward(rows).cpu().tolist()]
+
+
+def _real_positions(hidden: torch.Tensor, mask: torch.Tensor, virtual: list) -> torch.Tensor:
+    """The hidden states of each row's real tokens, laid out as `mask` has them (right
+    padded), without the virtual tokens in front of them: [B, L, H]."""
+    out = hidden.new_zeros(mask.shape[0], mask.shape[1], hidden.shape[2])
+    for b, v in enumerate(virtual):
+        n, length = 0 if v is None else v.shape[0], int(mask[b].sum())
+        out[b, :length] = hidden[b, n : n + length]
+    return out
 
 
 def score_function(model_config) -> str:
