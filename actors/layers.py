@@ -23,7 +23,7 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -161,11 +161,11 @@ class _Usage:
     out_scale: frozenset[int] = frozenset()
     in_ops: tuple[tuple[int, object], ...] = ()  # (slot, op)
     add_ops: tuple[tuple[int, object], ...] = ()
+    any: frozenset[int] = field(init=False)  # every slot with a term here; read by every forward
 
-    @property
-    def any(self) -> frozenset[int]:
+    def __post_init__(self) -> None:
         ops = {slot for slot, _ in self.in_ops + self.add_ops}
-        return self.lowrank | self.in_scale | self.out_scale | ops
+        object.__setattr__(self, "any", self.lowrank | self.in_scale | self.out_scale | ops)
 
     def without(self, slot: int) -> _Usage:
         return _Usage(self.lowrank - {slot}, self.in_scale - {slot}, self.out_scale - {slot},
@@ -339,9 +339,10 @@ class LowRankLinear(_LowRankBase):
 
     def _transform_input(self, x3: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
         """x' per row: in_scale[slot] * x (IA3 feed-forward), in_op[slot](x) (OFT, BOFT)."""
+        copied = False  # the caller's x is never written: the first grouped op copies it
         if not usage.in_scale.isdisjoint(route.distinct):
             x3 = x3.to(stack.in_scale.dtype) * self._per_row(stack.in_scale, route, x3.shape[0])
-        copied = False  # the caller's x is never written: the first grouped op copies it
+            copied = True  # a new tensor already
         for rows, op in _grouped(usage.in_ops, route, x3.shape[0]):
             if rows is None:
                 x3 = op(x3.to(stack.A.dtype))
