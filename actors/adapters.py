@@ -43,6 +43,14 @@ class AdapterWeights:
     deltas: dict[str, ModuleDelta] = field(default_factory=dict)
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     virtual: torch.Tensor | None = None  # [n, d] prompt learning's virtual tokens
+    prefix: torch.Tensor | None = None  # [layers * 2, heads, n, head_dim] prefix tuning's keys and values
+
+    @property
+    def n_virtual(self) -> int:
+        """How many positions its virtual tokens or prefix take in front of a row."""
+        if self.virtual is not None:
+            return self.virtual.shape[0]
+        return 0 if self.prefix is None else self.prefix.shape[2]
 
 
 class BaseTree:
@@ -102,8 +110,11 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
     kind = kind_of(weights.peft_type, adapter_id)
-    if kind.virtual is not None:  # prompt learning: virtual tokens and heads, no module adapted
-        weights.virtual = kind.virtual(tensors, config, modules, adapter_id)
+    if kind.prompt:  # prompt learning: virtual tokens or a prefix, and heads; no module adapted
+        if kind.virtual is not None:
+            weights.virtual = kind.virtual(tensors, config, modules, adapter_id)
+        else:
+            weights.prefix = kind.prefix(tensors, config, modules, adapter_id)
         # Its PeftModel has no tuner level, so heads are saved as `base_model.<name>`.
         tensors = {PREFIX + key.removeprefix("base_model."): value for key, value in tensors.items()}
         weights.heads = _take_heads(tensors, config, base, adapter_id)

@@ -235,7 +235,7 @@ def _peft_layers(runtime, adapter_id: str) -> dict[str, nn.Module]:
     path = runtime.store.path(adapter_id)
     config = PeftConfig.from_pretrained(str(path))
     kind = kind_of(config.peft_type.value, adapter_id)
-    if kind.virtual is not None:  # prompt learning adapts no module: check 3 covers its rows
+    if kind.prompt:  # prompt learning adapts no module: check 3 covers its rows
         return {}
     own = kind.tensor_prefix  # its kind's weights, not heads or base copies
     config.modules_to_save = peft_modules_to_save(config)  # as PEFT's task classes (the oracle's) do

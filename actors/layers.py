@@ -41,11 +41,15 @@ class Route:
         slots: slot per batch row (0 = base), a long tensor on the model's device.
         virtual: per row, its adapter's virtual tokens `[n, d]` (prompt learning) or None;
             None when no row has any. The task puts them in front of the row's tokens.
+        prefix: per row, its adapter's prefix keys and values `[layers * 2, heads, n, head_dim]`
+            (prefix tuning) or None; None when no row has any. The task caches them.
     """
 
-    def __init__(self, slots: torch.Tensor, virtual: list[torch.Tensor | None] | None = None) -> None:
+    def __init__(self, slots: torch.Tensor, virtual: list[torch.Tensor | None] | None = None,
+                 prefix: list[torch.Tensor | None] | None = None) -> None:
         self.slots = slots  # [B]
         self.virtual = virtual
+        self.prefix = prefix
         self.batch_size = slots.shape[0]
         listed = slots.tolist()
         distinct = set(listed)

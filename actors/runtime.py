@@ -64,7 +64,8 @@ class AdapterRuntime:
         self.capacity = len(self.adapter_ids) if capacity is None else capacity
         self._free = list(range(self.capacity, 0, -1))  # slot 0 is "no adapter"
         self._virtual: dict[int, torch.Tensor] = {}  # slot -> prompt learning's virtual tokens [n, d]
-        self._virtual_lengths: dict[str, int] = {}  # adapter id -> its number of virtual tokens
+        self._prefix: dict[int, torch.Tensor] = {}  # slot -> prefix tuning's keys and values [2L, H, n, hd]
+        self._virtual_lengths: dict[str, int] = {}  # adapter id -> positions its tokens or prefix take
         self._validate_and_prepare()
 
     @property
@@ -96,11 +97,12 @@ class AdapterRuntime:
     def _read(self, adapter_id: str) -> AdapterWeights:
         """Read one adapter against the untouched base model."""
         weights = read_adapter(self.store.path(adapter_id), adapter_id, self.base)
-        self._virtual_lengths[adapter_id] = 0 if weights.virtual is None else weights.virtual.shape[0]
+        self._virtual_lengths[adapter_id] = weights.n_virtual
         return weights
 
     def virtual_length(self, adapter_id: str) -> int:
-        """How many virtual tokens (prompt learning) adapter `adapter_id` puts in front of a row."""
+        """How many positions adapter `adapter_id` puts in front of a row (the virtual tokens
+        of prompt tuning and P-tuning, the prefix of prefix tuning)."""
         return self._virtual_lengths.get(adapter_id, 0)
 
     def _install_modules(self, weights: AdapterWeights) -> None:
@@ -146,9 +148,10 @@ class AdapterRuntime:
                 layer.assign(slot, weights.deltas.get(name))
             for name, head in self._heads.items():
                 head.assign(slot, self._head_copy(name, weights.heads.get(name)))
-            if weights.virtual is not None:
-                ref = next(self.model.parameters())
-                self._virtual[slot] = weights.virtual.to(device=ref.device, dtype=ref.dtype)
+            ref = next(self.model.parameters())
+            for kept, tensor in ((self._virtual, weights.virtual), (self._prefix, weights.prefix)):
+                if tensor is not None:
+                    kept[slot] = tensor.to(device=ref.device, dtype=ref.dtype)
         except Exception:
             self._clear(slot)
             self._free.append(slot)
@@ -162,6 +165,7 @@ class AdapterRuntime:
         for head in self._heads.values():
             head.assign(slot, None)
         self._virtual.pop(slot, None)
+        self._prefix.pop(slot, None)
 
     def _head_copy(self, name: str, state: dict | None) -> nn.Module | None:
         """A copy of base head `name` as the base model had it (no other adapter's routed
@@ -315,6 +319,8 @@ class AdapterRuntime:
         """Route the next model calls in this thread: row i uses `slots[i]` (0 = base)."""
         device = next(self.model.parameters()).device
         virtual = [self._virtual.get(s) for s in slots]
+        prefix = [self._prefix.get(s) for s in slots]
         with routing(Route(torch.tensor(slots, dtype=torch.long, device=device),
-                           virtual if any(v is not None for v in virtual) else None)):
+                           virtual if any(v is not None for v in virtual) else None,
+                           prefix if any(p is not None for p in prefix) else None)):
             yield

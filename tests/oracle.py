@@ -106,8 +106,9 @@ def embedding(model_dir, store, adapter, text, normalize=False) -> list[float]:
     inputs = processor(model_dir, "embed")(text, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**inputs).last_hidden_state[0]
-    if adapter and model.active_peft_config.is_prompt_learning:  # Switchyard pools the real tokens only
-        hidden = hidden[model.active_peft_config.num_virtual_tokens:]
+    config = model.active_peft_config if adapter else None
+    if config is not None and config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":
+        hidden = hidden[config.num_virtual_tokens:]  # Switchyard pools the real tokens only (a prefix has none here)
     pooled = hidden.mean(0)
     return (torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled).tolist()
 

@@ -376,7 +376,7 @@ def test_unknown_type_is_refused_listing_the_registered_kinds(llama, tmp_path):
     save_adapter(model, tmp_path / "store", "my-hra", HRAConfig(r=2, target_modules=["k_proj", "v_proj"]),
                  model_class=AutoModelForCausalLM)
     registered = ", ".join(KINDS)
-    assert registered == "LORA, VERA, ADALORA, LOHA, IA3, LOKR, OFT, BOFT, PROMPT_TUNING, P_TUNING"
+    assert registered == "LORA, VERA, ADALORA, LOHA, IA3, LOKR, OFT, BOFT, PROMPT_TUNING, P_TUNING, PREFIX_TUNING"
     with pytest.raises(ValueError, match=rf"adapter 'my-hra' has type HRA; Switchyard routes only {registered} "
                                          r"adapters per row"):
         Predictor(model=model, adapters=str(tmp_path / "store"), task="generate")

@@ -1,8 +1,9 @@
-"""Prompt tuning and P-tuning rows in mixed batches against the oracle: PEFT alone, each row
-alone (for generation: decoded greedily over PEFT's forward on the whole sequence without a
-cache, as PEFT 0.21.2's own generate() is wrong for prompt learning on transformers 5), with
-rows of other types and base rows, ragged lengths, fan-out, and batches of prompt rows only;
-generation on Llama and GPT-2, classification (per-adapter heads) and embeddings on BERT."""
+"""Prompt tuning, P-tuning and prefix tuning rows in mixed batches against the oracle: PEFT
+alone, each row alone (for generation: decoded greedily over PEFT's forward on the whole
+sequence without a cache, as PEFT 0.21.2's own generate() is wrong for prompt learning on
+transformers 5), with rows of other types and base rows, ragged lengths, fan-out, and batches
+of prompt rows only or prefix rows only; generation on Llama (grouped-query attention) and
+GPT-2 (absolute positions), classification (per-adapter heads) and embeddings on BERT."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ PROMPTS = {
     "prompt-4": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     "prompt-9": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=9),
     "p-tuning": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=6, encoder_hidden_size=32),
+    "prefix-3": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    "prefix-8": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prefix_projection=True,
+                                   encoder_hidden_size=32),
 }
 
 
 @pytest.fixture(scope="module")
 def llama_prompts(llama, tmp_path_factory):
     """(model dir, store dir): Llama with prompt tuning (4 and 9 virtual tokens), P-tuning,
-    and LoRA adapters of the session store (one on the embedding the virtual tokens bypass)."""
+    prefix tuning (3 and 8, with a projection), and LoRA adapters of the session store (one on
+    the embedding the virtual tokens bypass)."""
     from transformers import AutoModelForCausalLM
 
     model, store = llama
@@ -79,29 +84,36 @@ def test_prompt_rows_in_a_mixed_batch_equal_the_oracle(llama_prompts, gpt2_promp
 
 def test_prompt_only_batches_fan_out_and_prompt_plus_base(llama_prompts):
     """Only prompt rows (of different lengths of virtual tokens); prompt rows with base rows
-    only; one input fanned out to a prompt, a LoRA on the embedding and the base."""
+    only; only prefix rows; prefix rows with base rows only; prefix rows with prompt rows only;
+    one input fanned out to a prompt, a prefix, a LoRA on the embedding and the base."""
     model, store = llama_prompts
     p = _predictor(model, store, "generate", max_new_tokens=4)
     rows = _run(p, ["prompt-9", "p-tuning", "prompt-4", "prompt-9"], [SENTENCES[i][: 9 + 8 * i] for i in range(4)])
     rows += _run(p, ["prompt-4", None, "", "prompt-4"], [SENTENCES[5 + i][: 6 + 5 * i] for i in range(4)])
-    named = [["prompt-9", "lora-emb-head", None, "p-tuning"], ["vera", "prompt-4"]]
+    rows += _run(p, ["prefix-8", "prefix-3", "prefix-8"], [SENTENCES[i][: 5 + 9 * i] for i in range(3)])
+    rows += _run(p, [None, "prefix-3", ""], [SENTENCES[3 + i][: 20 - 6 * i] for i in range(3)])
+    rows += _run(p, ["prompt-9", "prefix-3"], [SENTENCES[6][:8], SENTENCES[7][:25]])
+    named = [["prompt-9", "lora-emb-head", None, "prefix-8", "p-tuning"], ["vera", "prompt-4", "prefix-3"]]
     table = pa.table({"prompt": [SENTENCES[7][:30], SENTENCES[8][:12]],
                       "adapter_ids": pa.array(named, pa.list_(pa.string()))})
     fanned = p(table).to_pylist()
-    assert len(fanned) == 6
+    assert len(fanned) == 8
     _check(model, store, rows + fanned, 4)
 
 
 def test_virtual_tokens_count_against_the_context(llama_prompts):
-    """A prompt that fits alone is too_long once its adapter's 9 virtual tokens join it."""
+    """A prompt that fits alone is too_long once its adapter's 9 virtual tokens (or a prefix
+    of 8, whose positions come first too) join it."""
     model, store = llama_prompts
     p = _predictor(model, store, "generate", max_new_tokens=4)
     tok = oracle.processor(model, "generate")
     words = " ".join(SENTENCES * 4)
     text = next(words[:k] for k in range(len(words), 0, -7) if len(tok(words[:k]).input_ids) <= 128 - 4 - 5)
     n = len(tok(text).input_ids)
-    rows = {r["adapter_id"]: r for r in _run(p, ["prompt-9", "prompt-4", None], [text] * 3)}
+    rows = {r["adapter_id"]: r for r in _run(p, ["prompt-9", "prefix-8", "prompt-4", None], [text] * 4)}
     assert rows["prompt-9"]["error"] == (f"too_long: {n} input tokens + 9 virtual tokens of its adapter + "
+                                         "max_new_tokens 4 exceed the model's context of 128")
+    assert rows["prefix-8"]["error"] == (f"too_long: {n} input tokens + 8 virtual tokens of its adapter + "
                                          "max_new_tokens 4 exceed the model's context of 128")
     assert rows["prompt-4"]["error"] is None and rows[None]["error"] is None
 
@@ -110,10 +122,6 @@ def test_prompt_learning_refusals(llama, bert, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     model, _ = llama
-    save_adapter(model, tmp_path / "a", "prefix", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
-                 model_class=AutoModelForCausalLM)
-    with pytest.raises(ValueError, match=r"adapter 'prefix' has type PREFIX_TUNING; Switchyard routes only"):
-        Predictor(model=model, adapters=str(tmp_path / "a"), task="generate")
     adapter = Path(save_adapter(model, tmp_path / "b", "no-task", PROMPTS["prompt-4"],
                                 model_class=AutoModelForCausalLM))
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -149,12 +157,12 @@ def test_prompt_adapters_through_the_batch_job(ray_cluster, llama_prompts, tmp_p
     from test_job import _job
 
     model, store = llama_prompts
-    named = [["prompt-4"], ["p-tuning", "lora-qv"], [], ["prompt-9", None]]
+    named = [["prompt-4", "prefix-8"], ["p-tuning", "lora-qv"], [], ["prompt-9", None, "prefix-3"]]
     prompts = [SENTENCES[i][: 10 + 6 * i] for i in range(len(named))]
     table = pa.table({"id": list(range(len(named))), "prompt": prompts,
                       "adapter_ids": pa.array(named, pa.list_(pa.string()))})
     rows = _job(tmp_path, model, store, "generate", table, "--max-new-tokens", "4")
-    assert len(rows) == 6
+    assert len(rows) == 8
     _check(model, store, rows, 4)
 
 
@@ -176,6 +184,53 @@ def test_canary_checks_prompt_rows_mixed_against_alone(llama_prompts, monkeypatc
     with pytest.raises(RuntimeError, match=r"start-up canary: rows of .* in a mixed batch differ from running it "
                                            r"alone"):
         Predictor(model=model, adapters=store, task="generate", max_new_tokens=2)
+
+
+def test_prefix_refusals(llama, bert, tmp_path):
+    """Prefix tuning where PEFT has no oracle (sequence classification raises in PEFT on
+    transformers 5), a task_type PEFT would not run it under, a sliding-window decoder, and a
+    prefix saved for another model's attention shape."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, MistralConfig, MistralForCausalLM
+
+    from testkit.models import build_llama
+
+    model, _ = llama
+    bert_model, _ = bert
+    prefix = PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
+    save_adapter(bert_model, tmp_path / "a", "cls-prefix", prefix, model_class=AutoModelForSequenceClassification)
+    with pytest.raises(ValueError, match=r"adapter 'cls-prefix' is a prefix tuning adapter on a "
+                                         r"BertForSequenceClassification: not routed because PEFT raises for prefix "
+                                         r"tuning with sequence classification"):
+        Predictor(model=bert_model, adapters=str(tmp_path / "a"), task="classify")
+    adapter = Path(save_adapter(model, tmp_path / "b", "seq2seq", PROMPTS["prefix-3"],
+                                model_class=AutoModelForCausalLM))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["task_type"] = "SEQ_2_SEQ_LM"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter 'seq2seq' has task_type SEQ_2_SEQ_LM; PEFT runs a prefix on a "
+                                         r"LlamaForCausalLM only as CAUSAL_LM"):
+        Predictor(model=model, adapters=str(tmp_path / "b"), task="generate")
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=16))
+    mistral.save_pretrained(tmp_path / "mistral")
+    oracle.processor(model, "generate").save_pretrained(tmp_path / "mistral")
+    save_adapter(str(tmp_path / "mistral"), tmp_path / "c", "windowed", PROMPTS["prefix-3"],
+                 model_class=AutoModelForCausalLM)
+    with pytest.raises(ValueError, match=r"adapter 'windowed' is a prefix tuning adapter on a MistralForCausalLM: "
+                                         r"not routed because it has sliding-window layers"):
+        Predictor(model=str(tmp_path / "mistral"), adapters=str(tmp_path / "c"), task="generate")
+    other = build_llama(tmp_path / "other")  # same sizes: move the adapter's tensor to a 3-layer shape
+    save_adapter(other, tmp_path / "d", "misfit", PROMPTS["prefix-3"], model_class=AutoModelForCausalLM)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "d" / "misfit" / "adapter_model.safetensors"
+    tensor = load_file(weights)["prompt_embeddings"]
+    save_file({"prompt_embeddings": tensor.repeat(1, 3)[:, : tensor.shape[1] * 3 // 2].contiguous()}, weights)
+    with pytest.raises(ValueError, match=r"adapter 'misfit': prompt_embeddings has shape \(3, 192\), expected "
+                                         r"\(3, 128\) for num_virtual_tokens 3 and the model's 2 layers x key and "
+                                         r"value x 2 key-value heads x head size 16"):
+        Predictor(model=model, adapters=str(tmp_path / "d"), task="generate")
 
 
 @pytest.mark.parametrize("values", [True, False])
@@ -224,13 +279,19 @@ def test_bert_embed_prompt_rows_pool_their_real_tokens_as_the_oracle(bert_embed,
     model, embed_store = bert_embed
     configs = {"emb-prompt": PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=4),
                "emb-ptune": PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=7,
-                                                encoder_hidden_size=32)}
+                                                encoder_hidden_size=32),
+               "emb-prefix": PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=5),
+               "emb-prefix-2": PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=2)}
     store = _store(model, tmp_path / "store", AutoModel, configs, {"emb-a": Path(embed_store) / "emb-a"})
     p = _predictor(model, store, "embed")
-    adapters = ["emb-prompt", "emb-ptune", None, "emb-a", "emb-prompt", "emb-ptune"]
-    texts = [SENTENCES[i][: 6 + 11 * (i % 3)] for i in range(6)]
+    adapters = ["emb-prompt", "emb-ptune", None, "emb-a", "emb-prefix", "emb-prompt", "emb-prefix-2", "emb-ptune",
+                "emb-prefix"]
+    texts = [SENTENCES[i][: 6 + 11 * (i % 3)] for i in range(len(adapters))]
     base = oracle.embedding(model, store, None, texts[0])
-    assert max(abs(a - b) for a, b in zip(oracle.embedding(model, store, "emb-prompt", texts[0]), base)) > 1e-3
-    for row in p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist():
+    for adapter in ("emb-prompt", "emb-prefix"):
+        assert max(abs(a - b) for a, b in zip(oracle.embedding(model, store, adapter, texts[0]), base)) > 1e-3
+    rows = p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist()
+    rows += p(pa.table({"text": texts[:3], "adapter_id": ["emb-prefix-2", "emb-prefix", None]})).to_pylist()
+    for row in rows:
         expected = oracle.embedding(model, store, row["adapter_id"], row["text"])
         oracle.assert_close(row["embedding"], expected, what=str(row["adapter_id"]))

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from peft import BOFTConfig, FourierFTConfig, HRAConfig, LoraConfig, PrefixTuningConfig
+from peft import BOFTConfig, CartridgeConfig, FourierFTConfig, HRAConfig, LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -53,7 +53,7 @@ UNROUTABLE = {  # adapter id -> (config factory, what the message must name)
     "my-hra": (lambda: HRAConfig(r=2, target_modules=["k_proj", "v_proj"]), r"has type HRA"),
     "my-fourierft": (lambda: FourierFTConfig(n_frequency=16, target_modules=["q_proj", "v_proj"]),
                      r"has type FOURIERFT"),
-    "my-prefix": (lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), r"has type PREFIX_TUNING"),
+    "my-cartridge": (lambda: CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), r"has type CARTRIDGE"),
     "my-alora": (lambda: LoraConfig(r=4, alora_invocation_tokens=[5, 6], init_lora_weights=False,
                                     target_modules=["q_proj", "v_proj"]), r"uses alora_invocation_tokens=\[5, 6\]"),
     "my-boft2": (lambda: BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj"]),

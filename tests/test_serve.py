@@ -353,10 +353,10 @@ def test_load_and_unload_adapter(gen, client):
 
 
 def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
-    """DoRA, trainable tokens, IA3, LoKr, OFT, BOFT and prompt-tuning adapters copied into the
-    store load through /v1/load_lora_adapter (the canary runs for each) and answer concurrent
-    requests as PEFT does."""
-    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig, PromptTuningConfig
+    """DoRA, trainable tokens, IA3, LoKr, OFT, BOFT, prompt-tuning and prefix-tuning adapters
+    copied into the store load through /v1/load_lora_adapter (the canary runs for each) and
+    answer concurrent requests as PEFT does."""
+    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig, PromptTuningConfig
     from transformers import AutoModelForCausalLM
 
     from testkit.adapters import save_adapter
@@ -370,6 +370,7 @@ def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
         "late-oft": OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "gate_proj"]),
         "late-boft": BOFTConfig(boft_block_size=8, target_modules=["o_proj"]),
         "late-prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "late-prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     }
     url = f"{gen.url}/v1"
     for seed, (name, config) in enumerate(configs.items(), start=21):

@@ -6,12 +6,12 @@ plus one line in `KINDS`.
 
 from __future__ import annotations
 
-from actors.kinds import adalora, boft, ia3, loha, lokr, lora, oft, prompt, vera
+from actors.kinds import adalora, boft, ia3, loha, lokr, lora, oft, prefix, prompt, vera
 from actors.kinds.common import AdapterError, Kind
 
 KINDS: dict[str, Kind] = {kind.peft_type: kind for kind in (lora.KIND, vera.KIND, adalora.KIND, loha.KIND, ia3.KIND,
                                                              lokr.KIND, oft.KIND, boft.KIND, prompt.PROMPT_TUNING,
-                                                             prompt.P_TUNING)}
+                                                             prompt.P_TUNING, prefix.KIND)}
 # Key endings that mark one module's weights, for every kind (a module inside a head, ...).
 DELTA_MARKERS: tuple[str, ...] = tuple(marker for kind in KINDS.values() for marker in kind.markers)
 

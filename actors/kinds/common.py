@@ -81,6 +81,9 @@ class Kind:
             returns a `ModuleDelta` per module.
         virtual: for prompt learning, `virtual(tensors, config, modules, adapter_id)` returns
             the virtual tokens `[n, d]` put in front of the adapter's rows; None for the others.
+        prefix: for prefix tuning, `prefix(tensors, config, modules, adapter_id)` returns the
+            keys and values `[layers * 2, heads, n, head_dim]` cached in front of the
+            adapter's rows; None for the others.
     """
 
     peft_type: str
@@ -91,6 +94,12 @@ class Kind:
     refuse: Callable[[object, str], None]
     deltas: Callable[[dict, object, dict, str], dict[str, ModuleDelta]]
     virtual: Callable[[dict, object, dict, str], torch.Tensor] | None = None
+    prefix: Callable[[dict, object, dict, str], torch.Tensor] | None = None
+
+    @property
+    def prompt(self) -> bool:
+        """Whether it is prompt learning: tokens or a prefix in front of rows, no module adapted."""
+        return self.virtual is not None or self.prefix is not None
 
     def parse_config(self, path: str):
         """PEFT's config object for the adapter folder `path` (`<ConfigClass>.from_pretrained`).

@@ -86,14 +86,16 @@ class GenerateTask(TextTask):
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
         inputs = self._inputs(ids, mask)
-        if self.takes_positions:  # as generate() gives them: the logits do not depend on the padding
-            inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        if self.takes_positions and "position_ids" not in inputs:  # as generate() gives them: the logits
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)  # ignore padding
         return self.model(**inputs).logits[:, -ids.shape[1]:].float()  # [B, T, V], the real tokens' positions
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         ids, mask = self.batch(rows)
         inputs = self._inputs(ids, mask)
-        prompt_length = ids.shape[1] if "input_ids" in inputs else 0  # generate returns only new tokens then
+        if "cache" in inputs:
+            _cover_prefix(inputs, self.pad_id)
+        prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0  # else only new tokens come
         limits = [r.params["max_new_tokens"] for r in rows]
         temperatures = [r.params["temperature"] for r in rows]
         stop = self.config.stop
@@ -123,6 +125,20 @@ class GenerateTask(TextTask):
             reason = "stop"
         return {"generated_text": text, "num_input_tokens": len(row.inputs),
                 "num_generated_tokens": len(tokens), "finish_reason": reason}
+
+
+def _cover_prefix(inputs: dict, pad_id: int) -> None:
+    """Turn a prefix call's model inputs into generate()'s: generate takes the whole sequence
+    and skips what the cache already holds, so P placeholder positions (pad ids, or zero
+    embeddings) stand in front for the cached prefix; generate computes positions itself
+    from the widened mask, as `prefix_inputs` did."""
+    del inputs["position_ids"]
+    key = "input_ids" if "input_ids" in inputs else "inputs_embeds"
+    x = inputs[key]
+    width = inputs["attention_mask"].shape[1] - x.shape[1]
+    filler = (x.new_full((x.shape[0], width), pad_id) if key == "input_ids"
+              else x.new_zeros(x.shape[0], width, x.shape[2]))
+    inputs[key] = torch.cat([filler, x], dim=1)
 
 
 def _cut_at_stop(tokens: list[int], stop: list[str], tokenizer) -> tuple[list[int], str]:

@@ -65,13 +65,23 @@ class TextTask(Task):
         """Model inputs for padded `ids`: the ids themselves, or, when rows of the call's route
         have virtual tokens (prompt tuning, P-tuning), embeddings with each row's virtual tokens
         in front of its own tokens, padded anew on the task's side (PEFT puts them in front of
-        the row alone: n more positions, n ones in front of the mask)."""
+        the row alone: n more positions, n ones in front of the mask). When rows have a prefix
+        (prefix tuning), also the cache holding it, the mask widened over it and the positions
+        (see `prefix_inputs`)."""
         route = current_route()
         if route is None or route.virtual is None:
-            return {"input_ids": ids, "attention_mask": mask}
+            inputs = {"input_ids": ids, "attention_mask": mask}
+        else:
+            inputs = self._with_virtual(ids, mask, route.virtual)
+        if route is not None and route.prefix is not None:
+            inputs.update(prefix_inputs(route.prefix, inputs["attention_mask"]))
+        return inputs
+
+    def _with_virtual(self, ids: torch.Tensor, mask: torch.Tensor, virtual: list) -> dict:
+        """inputs_embeds and attention_mask with each row's virtual tokens (or none) in front."""
         embeds = self.model.get_input_embeddings()(ids)  # [B, L, d], the routed embedding for every row
         rows = [embeds[b][mask[b].bool()] for b in range(ids.shape[0])]  # each row's real tokens
-        rows = [r if v is None else torch.cat([v.to(r.dtype), r]) for r, v in zip(rows, route.virtual)]
+        rows = [r if v is None else torch.cat([v.to(r.dtype), r]) for r, v in zip(rows, virtual)]
         length = max(r.shape[0] for r in rows)
         out = embeds.new_zeros(len(rows), length, embeds.shape[2])  # [B, T, d]
         out_mask = mask.new_zeros(len(rows), length)
@@ -141,6 +151,36 @@ class EmbedTask(TextTask):
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         return [{"embedding": e} for e in self.forward(rows).cpu().tolist()]
+
+
+def prefix_inputs(prefix: list, token_mask: torch.Tensor) -> dict:
+    """A cache holding each row's prefix keys and values, as PEFT caches one row's.
+
+    With P the longest prefix among the rows, each row's n_b slots are right-aligned in P and
+    the others masked, so the mask is `cat(prefix_mask, token_mask)` and a row's tokens take
+    positions n_b, n_b + 1, ... (`cumsum(mask) - 1`) whatever its padding.
+
+    Args:
+        prefix: per row, `[layers * 2, heads, n_b, head_dim]` or None (no prefix).
+        token_mask: the tokens' attention mask [B, T].
+
+    Returns:
+        `cache` (a DynamicCache with P positions), `attention_mask` [B, P + T] and
+        `position_ids` [B, T].
+    """
+    from transformers import DynamicCache
+
+    ref = next(p for p in prefix if p is not None)
+    width = max(p.shape[2] for p in prefix if p is not None)
+    states = ref.new_zeros(ref.shape[0], len(prefix), ref.shape[1], width, ref.shape[3])  # [2L, B, H, P, hd]
+    prefix_mask = token_mask.new_zeros(len(prefix), width)
+    for b, p in enumerate(prefix):
+        if p is not None:
+            states[:, b, :, width - p.shape[2]:] = p
+            prefix_mask[b, width - p.shape[2]:] = 1
+    mask = torch.cat([prefix_mask, token_mask], dim=1)
+    cache = DynamicCache([(states[2 * layer], states[2 * layer + 1]) for layer in range(states.shape[0] // 2)])
+    return {"cache": cache, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)[:, width:]}
 
 
 def _real_positions(hidden: torch.Tensor, mask: torch.Tensor, virtual: list) -> torch.Tensor:
