@@ -1,5 +1,5 @@
 """The load-time canary: the Predictor refuses to start (and `load_adapter` refuses an
-adapter) when one of three checks fails.
+adapter) when one of four checks fails.
 
 1. Each routed module against PEFT's own layer for that adapter, on random inputs: PEFT
    builds its layers from the adapter's folder (config and weights, read by PEFT) around the
@@ -11,6 +11,12 @@ adapter) when one of three checks fails.
    must agree, measured against the adapter's own effect (mixed - base against alone - base),
    never below float noise. This catches architectures whose internal reshaping (patches,
    packing away the padding) sends a row through another row's adapter.
+4. Prompt learning (which adapts no module, so check 1 has nothing to compare) for generate
+   and embed: one synthetic row through PEFT's own prompt model, built around the live model
+   from the adapter's folder, against the same row routed. This catches a virtual token or
+   prefix put where PEFT does not put it (positions, masks, cache layout) on an architecture
+   the tests have not seen. (For classify, PEFT would wrap the live model's head: check 3
+   only.)
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ MODULE_TOLERANCE = {"full": (1e-5, 1e-3), "half": (2e-2, 5e-2)}
 
 
 def check_routing(predictor, adapter_ids: list[str] | None = None) -> None:
-    """Run the three checks for `adapter_ids` (default: every adapter of the store, those
+    """Run the four checks for `adapter_ids` (default: every adapter of the store, those
     already loaded first; the others load through the LRU set).
 
     Args:
@@ -60,7 +66,7 @@ def check_routing(predictor, adapter_ids: list[str] | None = None) -> None:
 
 
 def _check_chunk(runtime, task, ids: list[str], seed: int) -> None:
-    """The three checks for up to `capacity` adapters, pinned together, plus base rows."""
+    """The four checks for up to `capacity` adapters, pinned together, plus base rows."""
     owners = [ids[k % len(ids)] if ids else None for k in range(ROWS_PER_ADAPTER * len(ids))] + [None, None]
     rows = _ragged(task.synthetic(len(owners), seed))
     dtype = next(runtime.model.parameters()).dtype
@@ -68,6 +74,7 @@ def _check_chunk(runtime, task, ids: list[str], seed: int) -> None:
         with torch.no_grad():  # not inference mode: PEFT builds its layers here
             for adapter in ids:
                 _check_modules(runtime, adapter, slots[adapter], dtype)
+                _check_prompt(runtime, task, adapter, slots[adapter], dtype)
         with torch.inference_mode():
             _check_rows(runtime, task, rows, owners, slots, dtype)
 
@@ -199,6 +206,37 @@ def _check_modules(runtime, adapter_id: str, slot: int, dtype: torch.dtype) -> N
         _compare_module(got, want, reference, adapter_id, name, dtype)
 
 
+def _check_prompt(runtime, task, adapter_id: str, slot: int, dtype: torch.dtype) -> None:
+    """Check 4: a prompt-learning adapter's synthetic row, routed alone, against PEFT's own
+    prompt model (virtual tokens or prefix as PEFT places them) on the unpadded row."""
+    from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = runtime.store.path(adapter_id)
+    config = PeftConfig.from_pretrained(str(path))
+    if not kind_of(config.peft_type.value, adapter_id).prompt or task.name not in ("generate", "embed"):
+        return
+    row = task.synthetic(1, seed=slot)[0]
+    with runtime.route([slot]):
+        ours = task.forward([row])
+    with runtime.route([0]):
+        base = task.forward([row])
+    ids = torch.tensor([row.inputs], device=ours.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about token type ids and custom models
+        model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type](runtime.model, config)
+        set_peft_model_state_dict(model, load_file(str(path / WEIGHTS_FILE)))
+        out = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids))  # no route: the base model
+    if task.name == "generate":
+        want = out.logits[:, -ids.shape[1]:].float()  # the row's tokens, after any virtual ones
+    else:
+        from actors.tasks.pooling import pool
+
+        want = pool(out.last_hidden_state[:, -ids.shape[1]:].float(), torch.ones_like(ids), task.spec)
+    _compare_module(ours, want, base, adapter_id, "", dtype, prompt=True)
+
+
 def _random_input(base: nn.Module, seed: int) -> torch.Tensor:
     """Random rows for base module `base`: token ids for an embedding, activations otherwise."""
     weight = next(base.parameters())
@@ -210,18 +248,21 @@ def _random_input(base: nn.Module, seed: int) -> torch.Tensor:
 
 
 def _compare_module(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, adapter_id: str, name: str,
-                    dtype: torch.dtype) -> None:
-    """Raise if Switchyard's routed module and PEFT's layer disagree beyond noise plus a
-    small fraction of PEFT's delta."""
+                    dtype: torch.dtype, prompt: bool = False) -> None:
+    """Raise if Switchyard's routed module and PEFT's layer (`prompt`: the routed row and
+    PEFT's prompt model, at the whole model's tolerance) disagree beyond noise plus a small
+    fraction of PEFT's delta."""
     diff = (got.float() - want.float()).abs().max().item()
     effect = (want.float() - base.float()).abs().max().item()
-    noise, relative = MODULE_TOLERANCE[_precision(dtype)]
+    noise, relative = (MODEL_TOLERANCE if prompt else MODULE_TOLERANCE)[_precision(dtype)]
     tolerance = noise * max(1.0, base.float().abs().max().item()) + relative * effect
     if not diff <= tolerance:
-        raise RuntimeError(f"start-up canary: adapter {adapter_id!r} on module {name} differs from PEFT's own layer "
-                           f"for it by {diff:.3g} (tolerance {tolerance:.3g}; PEFT's delta there is {effect:.3g}) on "
-                           "random inputs: Switchyard read this adapter wrongly. Refusing to start; please report it "
-                           "with the adapter's adapter_config.json")
+        where, reference = ("'s row", "PEFT's own prompt model") if prompt else (f" on module {name}",
+                                                                                  "PEFT's own layer for it")
+        raise RuntimeError(f"start-up canary: adapter {adapter_id!r}{where} differs from {reference} by {diff:.3g} "
+                           f"(tolerance {tolerance:.3g}; PEFT's delta there is {effect:.3g}) on random inputs: "
+                           "Switchyard read or placed this adapter wrongly. Refusing to start; please report it with "
+                           "the adapter's adapter_config.json")
 
 
 def _peft_layers(runtime, adapter_id: str) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ GPT-2 (absolute positions), classification (per-adapter heads) and embeddings on
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -231,6 +232,37 @@ def test_prefix_refusals(llama, bert, tmp_path):
                                          r"\(3, 128\) for num_virtual_tokens 3 and the model's 2 layers x key and "
                                          r"value x 2 key-value heads x head size 16"):
         Predictor(model=model, adapters=str(tmp_path / "d"), task="generate")
+
+
+def _prefix_positions_from_zero(real):
+    def wrong(prefix, token_mask):  # forgets that a row's tokens come after its prefix
+        inputs = real(prefix, token_mask)
+        inputs["position_ids"] = (token_mask.cumsum(1) - 1).clamp(min=0)
+        return inputs
+    return wrong
+
+
+def _virtual_doubled(real):
+    def wrong(self, ids, mask, virtual):  # the virtual tokens, scaled as if they were token embeddings
+        return real(self, ids, mask, [None if v is None else 2 * v for v in virtual])
+    return wrong
+
+
+@pytest.mark.parametrize(("case", "adapter"), [("prefix", "prefix-3"), ("virtual", "prompt-4")])
+def test_canary_checks_prompt_rows_against_peft(llama_prompts, tmp_path, monkeypatch, case, adapter):
+    """A prompt placed wrongly the same way in mixed and alone batches passes check 3; check 4
+    (the row against PEFT's own prompt model) refuses it."""
+    import actors.tasks.text as text
+
+    model, store = llama_prompts
+    owner, name, breakage = {"prefix": (text, "prefix_inputs", _prefix_positions_from_zero),
+                             "virtual": (text.TextTask, "_with_virtual", _virtual_doubled)}[case]
+    monkeypatch.setattr(owner, name, breakage(getattr(owner, name)))
+    only = tmp_path / "store"
+    shutil.copytree(Path(store) / adapter, only / adapter)
+    with pytest.raises(RuntimeError, match=rf"start-up canary: adapter '{adapter}''s row differs from PEFT's own "
+                                           r"prompt model by [0-9.e+-]+ \(tolerance"):
+        Predictor(model=model, adapters=str(only), task="generate", max_new_tokens=2)
 
 
 @pytest.mark.parametrize("values", [True, False])
