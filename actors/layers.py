@@ -32,6 +32,10 @@ from torch import nn
 from actors.adapters import ModuleDelta
 
 _ROUTE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("switchyard_route", default=None)
+# Per model call, the per-row gathers of the slot stacks are kept for the next calls under
+# the same route (generate's decoding steps) up to this many bytes; beyond it they are
+# gathered anew at each step.
+GATHER_MEMO_BYTES = 256 * 2**20
 
 
 class Route:
@@ -58,6 +62,8 @@ class Route:
         self._expanded: dict[int, torch.Tensor] = {self.batch_size: slots}
         self._members: dict[tuple[int, int], torch.Tensor | slice] = {}
         self._spans = _spans(listed)  # slot -> (start, stop) where its rows are contiguous
+        self._gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n) -> it, rows
+        self._gathered_bytes = 0
 
     def rows(self, n: int) -> torch.Tensor:
         """Slot per leading row when a module sees `n` rows; models that unfold each batch
@@ -82,6 +88,25 @@ class Route:
             else:
                 self._members[key] = (self.rows(n) == slot).nonzero().squeeze(1)
         return self._members[key]
+
+
+    def gather(self, table: torch.Tensor, n: int) -> torch.Tensor:
+        """Each of `n` leading rows' entry of a per-slot stack `table` [S, ...]: [n, ...].
+
+        The first call of a route gathers; later calls (generate's decoding steps run under
+        one route) reuse it while the gathered tensors fit GATHER_MEMO_BYTES. The stacks'
+        rows of slots in use are never written while a call runs (the runtime pins them), and
+        the memo keeps the stack it gathered from alive, so its id cannot be reused."""
+        key = (id(table), n)
+        hit = self._gathered.get(key)
+        if hit is not None:
+            return hit[1]
+        rows = table.index_select(0, self.rows(n))
+        size = rows.numel() * rows.element_size()
+        if self._gathered_bytes + size <= GATHER_MEMO_BYTES:
+            self._gathered[key] = (table, rows)
+            self._gathered_bytes += size
+        return rows
 
 
 def _spans(slots: list[int]) -> dict[int, tuple[int, int]]:
@@ -165,6 +190,7 @@ class _Usage:
     out_scale: frozenset[int] = frozenset()
     in_ops: tuple[tuple[int, object], ...] = ()  # (slot, op)
     add_ops: tuple[tuple[int, object], ...] = ()
+    shifted: frozenset[int] = frozenset()  # out_scale slots whose shift is not zero (a kept bias)
     any: frozenset[int] = field(init=False)  # every slot with a term here; read by every forward
 
     def __post_init__(self) -> None:
@@ -173,7 +199,8 @@ class _Usage:
 
     def without(self, slot: int) -> _Usage:
         return _Usage(self.lowrank - {slot}, self.in_scale - {slot}, self.out_scale - {slot},
-                      tuple(p for p in self.in_ops if p[0] != slot), tuple(p for p in self.add_ops if p[0] != slot))
+                      tuple(p for p in self.in_ops if p[0] != slot), tuple(p for p in self.add_ops if p[0] != slot),
+                      self.shifted - {slot})
 
 
 class _LowRankBase(nn.Module):
@@ -230,6 +257,7 @@ class _LowRankBase(nn.Module):
         if delta is None or delta.empty:  # empty: a module pruned away (AdaLoRA) adds nothing
             return
         lowrank, in_scaled, out_scaled = set(usage.lowrank), set(usage.in_scale), set(usage.out_scale)
+        shifted = set(usage.shifted)
         if delta.rank:
             stack.A[slot, :, : delta.rank] = delta.A.T.to(stack.A)
             stack.B[slot, : delta.rank] = delta.B.T.to(stack.B)
@@ -241,12 +269,16 @@ class _LowRankBase(nn.Module):
             in_scaled.add(slot)
         if delta.out_scale is not None:
             stack.out_scale[slot] = delta.out_scale.to(stack.out_scale)
-            stack.shift[slot] = self._shift(delta).to(stack.shift)
+            shift = self._shift(delta)
+            stack.shift[slot] = shift.to(stack.shift)
             out_scaled.add(slot)
+            if bool(shift.any()):
+                shifted.add(slot)
         ref = stack.A
         self.usage = _Usage(frozenset(lowrank), frozenset(in_scaled), frozenset(out_scaled),
                             usage.in_ops + (((slot, delta.in_op.to(ref)),) if delta.in_op else ()),
-                            usage.add_ops + (((slot, delta.add_op.to(ref)),) if delta.add_op else ()))
+                            usage.add_ops + (((slot, delta.add_op.to(ref)),) if delta.add_op else ()),
+                            frozenset(shifted))
 
     def _shift(self, delta: ModuleDelta) -> torch.Tensor:
         """(1 - out_scale) * b: what keeps the base bias unscaled (DoRA, BOFT); 0 for IA3."""
@@ -271,15 +303,19 @@ class _LowRankBase(nn.Module):
         """Each row's entry of a per-slot stack, broadcastable over `[N, T, width]`."""
         if route.uniform is not None:
             return table[route.uniform]
-        return table.index_select(0, route.rows(n))[:, None, :]
+        return route.gather(table, n)[:, None, :]
 
     def _scale_output(self, out: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
-        """out * out_scale[slot] + shift[slot] per row (DoRA, IA3, BOFT rows), as `[N, T, out]`."""
+        """out * out_scale[slot] + shift[slot] per row (DoRA, IA3, BOFT rows), as `[N, T, out]`;
+        `out` is the base layer's fresh output, scaled in place when no row's shift is needed."""
         n = out.shape[0]
         out3 = out.reshape(n, -1, self.d_out)
         if usage.out_scale.isdisjoint(route.distinct):
             return out3
-        return torch.addcmul(self._per_row(stack.shift, route, n), out3, self._per_row(stack.out_scale, route, n))
+        scale = self._per_row(stack.out_scale, route, n)
+        if usage.shifted.isdisjoint(route.distinct) and out3.dtype == scale.dtype:
+            return out3.mul_(scale)
+        return torch.addcmul(self._per_row(stack.shift, route, n), out3, scale)
 
     def _add_delta(self, out3: torch.Tensor, h: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
         """out3 += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r], out3 [N, T, out].
@@ -290,7 +326,7 @@ class _LowRankBase(nn.Module):
             s = route.uniform
             out3.view(-1, self.d_out).addmm_(h.reshape(-1, stack.rank), stack.B[s])
         else:
-            out3.baddbmm_(h, stack.B.index_select(0, route.rows(out3.shape[0])))
+            out3.baddbmm_(h, route.gather(stack.B, out3.shape[0]))
         if stack.bias is not None:
             out3 += self._per_row(stack.bias, route, out3.shape[0])
         return out3
@@ -330,7 +366,7 @@ class LowRankLinear(_LowRankBase):
             if route.uniform is not None:
                 h = xs @ stack.A[route.uniform]  # [N, T, r]
             else:
-                h = torch.bmm(xs, stack.A.index_select(0, route.rows(n)))  # [N, T, r]
+                h = torch.bmm(xs, route.gather(stack.A, n))  # [N, T, r]
             out3 = self._add_delta(out3, h, route, stack)
         for rows, op in _grouped(usage.add_ops, route, n):
             if rows is None:

@@ -2,14 +2,15 @@
 
 One store on the bench Llama (hidden 256, 4 layers, every weight type on all seven linear
 layers, LoRA-family ranks 16; trainable tokens on 16 token ids, with LoRA r=16 beside them;
-prompt tuning with 16 virtual tokens, which every row then attends to). For each
-type: 32 rows of 64 tokens, all through that type's adapter; then 32 rows mixing every type
-and base rows. Each batch is timed side by side, interleaved, median of the reps:
+prompt tuning with 16 virtual tokens, which every row of a call then attends to (padding);
+prefix tuning with 16 prefix positions in every layer). For each
+type: 32 rows of 64 tokens, all through that type's adapter; then 32 rows mixing every weight
+type and base rows (`weights`), and 32 rows mixing every type and base rows (`mixed`). Each batch is timed side by side, interleaved, median of the reps:
   - base: transformers' generate with the bare base model,
   - ours: Predictor(task="generate") (routed layers),
   - peft: PEFT with only that adapter loaded, its own generate (no mixed batch: PEFT's
-          `adapter_names` path ignores or refuses most of these types; none for prompt tuning,
-          whose generate() PEFT 0.21.2 gets wrong on transformers 5),
+          `adapter_names` path ignores or refuses most of these types; none for prompt and
+          prefix tuning, whose generate() PEFT 0.21.2 gets wrong on transformers 5),
 at max_new_tokens 1 (prefill) and 16 (decode), tokenizing and decoding included.
 
     .venv/bin/python bench/adapter_types.py [--reps 5] [--threads 2]
@@ -32,12 +33,13 @@ from bench.mixed_batch import TARGETS, build, prompts, timed  # noqa: E402
 
 ROWS = 32
 NEW_TOKENS = (1, 16)
+PROMPT_LEARNING = ("prompt", "prefix")
 
 
 def configs() -> dict:
     """One PEFT config per type, on every linear layer."""
     from peft import (AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
-                      PromptTuningConfig, VeraConfig)
+                      PrefixTuningConfig, PromptTuningConfig, VeraConfig)
 
     return {
         "lora": LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False),
@@ -52,6 +54,7 @@ def configs() -> dict:
         "oft": OFTConfig(r=0, oft_block_size=32, target_modules=TARGETS),
         "boft": BOFTConfig(boft_block_size=32, target_modules=TARGETS),
         "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
     }
 
 
@@ -99,9 +102,10 @@ def main() -> None:
         print(f"torch threads {torch.get_num_threads()}, {ROWS} rows x 64 tokens, {opts.reps} interleaved reps, "
               "medians; ratios to the bare base model's generate")
         print(f"{'batch':>8} " + " ".join(f"{f'ours/base {n}':>13} {f'peft/base {n}':>13}" for n in NEW_TOKENS))
-        for name in [*configs(), "mixed"]:
-            if name in ("mixed", "prompt"):  # no PEFT column: PEFT 0.21.2's generate is wrong for prompts
-                cycle = [*configs(), None] if name == "mixed" else [name]
+        weights = [n for n in configs() if n not in PROMPT_LEARNING]
+        for name in [*configs(), "weights", "mixed"]:
+            if name in ("weights", "mixed", *PROMPT_LEARNING):  # no PEFT column (see the docstring)
+                cycle = {"weights": [*weights, None], "mixed": [*configs(), None]}.get(name, [name])
                 names, peft = [cycle[i % len(cycle)] for i in range(ROWS)], None
             else:
                 names = [name] * ROWS

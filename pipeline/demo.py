@@ -1,12 +1,14 @@
 """Built-in demo assets: a small Llama, an adapter store (LoRA of several ranks and targets,
-rsLoRA, LoRA on embeddings and lm_head, VeRA, DoRA, IA3, OFT) and a Parquet file of
+rsLoRA, LoRA on embeddings and lm_head, VeRA, DoRA, IA3, OFT, prompt tuning, prefix tuning)
+and a Parquet file of
 mixed-adapter rows (base rows, a fan-out row, an unknown adapter id)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-ADAPTERS = ("support-bot", "legal-summarizer", "pirate-speak", "vera-poet", "dora-tutor", "ia3-formal", "oft-editor")
+ADAPTERS = ("support-bot", "legal-summarizer", "pirate-speak", "vera-poet", "dora-tutor", "ia3-formal", "oft-editor",
+            "prompt-critic", "prefix-greeter")
 
 
 def build_demo(root: str | Path, rows: int = 240) -> dict[str, str]:
@@ -21,8 +23,8 @@ def build_demo(root: str | Path, rows: int = 240) -> dict[str, str]:
 
 
 def _build_model_and_store(model_dir: Path, store: Path) -> None:
-    """The model folder and seven adapters of different kinds."""
-    from peft import IA3Config, LoraConfig, OFTConfig, VeraConfig
+    """The model folder and nine adapters of different kinds."""
+    from peft import IA3Config, LoraConfig, OFTConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
     from transformers import AutoModelForCausalLM
 
     from testkit.adapters import save_adapter
@@ -40,6 +42,8 @@ def _build_model_and_store(model_dir: Path, store: Path) -> None:
                                  init_lora_weights=False),
         "ia3-formal": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "oft-editor": OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "up_proj"]),
+        "prompt-critic": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "prefix-greeter": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
     }
     for seed, (name, config) in enumerate(configs.items(), start=1):
         save_adapter(model_dir, store, name, config, model_class=AutoModelForCausalLM, seed=seed)

@@ -20,6 +20,7 @@ from transformers import (
     GPT2TokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     MobileViTConfig,
     MobileViTForImageClassification,
     PreTrainedModel,
@@ -157,7 +158,9 @@ def _save(model: PreTrainedModel, path: str | Path, extras: list[Any]) -> str:
 
 
 def build_llama(path: str | Path, *, seed: int = 0, num_labels: int | None = None) -> str:
-    """Build a tiny LlamaForCausalLM (+ tokenizer, generation config) into ``path``."""
+    """Build a tiny LlamaForCausalLM (+ tokenizer, generation config) into ``path``; with
+    ``num_labels``, a LlamaForSequenceClassification (its saved `score` head included, so
+    every load of the folder has the same head)."""
     tokenizer = llama_tokenizer()
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
@@ -168,8 +171,11 @@ def build_llama(path: str | Path, *, seed: int = 0, num_labels: int | None = Non
         initializer_range=0.1, tie_word_embeddings=False, dtype="float32", **ids, **labels,
     )
     _seed(seed)
-    model = LlamaForCausalLM(config)
-    _quiet_tokens(model, sorted({ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]}))
+    if num_labels:
+        model = LlamaForSequenceClassification(config)
+    else:
+        model = LlamaForCausalLM(config)
+        _quiet_tokens(model, sorted({ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]}))
     return _save(model, path, [tokenizer, GenerationConfig(**ids)])
 
 

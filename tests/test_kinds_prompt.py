@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 import oracle
 from actors import Predictor
 from testkit.adapters import save_adapter
 from testkit.data import SENTENCES
-from test_kinds import _predictor, _store
+from test_kinds import PROFILE, _predictor, _store
 
 PROMPTS = {
     "prompt-4": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
@@ -131,17 +133,14 @@ def test_prompt_learning_refusals(llama, bert, tmp_path):
     with pytest.raises(ValueError, match=r"adapter 'no-task' has task_type None; PEFT runs its prompt on a "
                                          r"LlamaForCausalLM only as CAUSAL_LM"):
         Predictor(model=model, adapters=str(tmp_path / "b"), task="generate")
-    from testkit.models import build_llama
+    from transformers import AutoModel
 
-    classifier = build_llama(tmp_path / "llama-cls", num_labels=3)  # a decoder classifier
-    save_adapter(classifier, tmp_path / "c", "cls-prompt",
-                 PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
-                 model_class=AutoModelForSequenceClassification)
-    with pytest.raises(ValueError, match=r"adapter 'cls-prompt' is a PROMPT_TUNING adapter; Switchyard routes "
-                                         r"prompt learning for generate on decoder models and for classify and embed "
-                                         r"on encoder models \(BERT-style\) only, not for a "
-                                         r"LlamaForSequenceClassification"):
-        Predictor(model=classifier, adapters=str(tmp_path / "c"), task="classify")
+    save_adapter(model, tmp_path / "c", "embed-prompt", PromptTuningConfig(task_type="FEATURE_EXTRACTION",
+                                                                           num_virtual_tokens=3), model_class=AutoModel)
+    with pytest.raises(ValueError, match=r"adapter 'embed-prompt' is a PROMPT_TUNING adapter; Switchyard routes "
+                                         r"prompt learning for generate and classify on decoder models .* not for a "
+                                         r"LlamaModel"):
+        Predictor(model=model, adapters=str(tmp_path / "c"), task="embed")
     bert_model, _ = bert
     adapter = Path(save_adapter(bert_model, tmp_path / "d", "gen-prompt",
                                 PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
@@ -305,6 +304,46 @@ def test_bert_classify_prompt_rows_equal_the_oracle(bert_prompts):
         oracle.assert_close(row["scores"], expected, what=str(row["adapter_id"]))
 
 
+@pytest.fixture(scope="module")
+def llama_classifier_prompts(tmp_path_factory):
+    """(model dir, store dir): a Llama sequence classifier (a decoder: it pools the last
+    token) with SEQ_CLS prompt tuning and P-tuning (each with its saved `score` head) and a
+    LoRA with its own head."""
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification
+
+    from testkit.models import build_llama
+
+    root = tmp_path_factory.mktemp("llama_cls_prompts")
+    model = build_llama(root / "model", num_labels=3)
+    configs = {"cls-prompt": PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=6),
+               "cls-ptune": PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=2, encoder_hidden_size=32),
+               "cls-lora": LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False)}
+    return model, _store(model, root / "store", AutoModelForSequenceClassification, configs)
+
+
+def test_decoder_classifier_prompt_rows_equal_the_oracle(llama_classifier_prompts):
+    """A decoder classifier pools the last position when given embeddings, so a call with
+    prompt rows is left-padded with each row's own positions; rows without prompts in that
+    call (base, LoRA) and calls without prompt rows (right-padded ids) stay exact too."""
+    model, store = llama_classifier_prompts
+    p = _predictor(model, store, "classify")
+    text = SENTENCES[2]
+    base = oracle.scores(model, store, None, "classify", text)
+    for adapter in ("cls-prompt", "cls-ptune"):
+        assert max(abs(a - b) for a, b in zip(oracle.scores(model, store, adapter, "classify", text), base)) > 1e-3
+    cycle = [*p.adapter_ids, None]
+    adapters = [cycle[(3 * i) % len(cycle)] for i in range(9)]
+    texts = [SENTENCES[i][: 5 + 9 * (i % 4)] for i in range(9)]
+    rows = p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist()
+    rows += p(pa.table({"text": texts[:3], "adapter_id": ["cls-lora", None, "cls-lora"]})).to_pylist()
+    rows += p(pa.table({"text": texts[3:6], "adapter_id": ["cls-ptune", "cls-prompt", "cls-ptune"]})).to_pylist()
+    for row in rows:
+        expected = oracle.scores(model, store, row["adapter_id"], "classify", row["text"])
+        oracle.assert_close(row["scores"], expected, what=str(row["adapter_id"]))
+
+
 def test_bert_embed_prompt_rows_pool_their_real_tokens_as_the_oracle(bert_embed, tmp_path):
     from transformers import AutoModel
 
@@ -327,3 +366,23 @@ def test_bert_embed_prompt_rows_pool_their_real_tokens_as_the_oracle(bert_embed,
     for row in rows:
         expected = oracle.embedding(model, store, row["adapter_id"], row["text"])
         oracle.assert_close(row["embedding"], expected, what=str(row["adapter_id"]))
+
+
+@settings(max_examples=6, **PROFILE)
+@given(data=st.data())
+def test_random_generate_batches_mixing_prompts_prefixes_and_weights(llama_prompts, data):
+    """Hypothesis-drawn generate batches: any mix of prompt tuning, P-tuning, prefix tuning,
+    LoRA and VeRA rows, base rows and fan-out rows, split into calls of 3 rows under a
+    capacity of 3 adapters (so prompt slots are evicted and refilled), against the oracle."""
+    model, store = llama_prompts
+    ids = [*PROMPTS, "lora-qv", "lora-emb-head", "vera"]
+    n = data.draw(st.integers(1, 5))
+    named = data.draw(st.lists(st.lists(st.sampled_from([None, *ids]), min_size=1, max_size=3), min_size=n,
+                               max_size=n))
+    texts = data.draw(st.lists(st.builds(lambda i, k: SENTENCES[i][:k], st.integers(0, len(SENTENCES) - 1),
+                                         st.integers(3, 40)), min_size=n, max_size=n))
+    p = _predictor(model, store, "generate", max_new_tokens=3, max_batch_rows=3, max_loaded_adapters=3)
+    table = pa.table({"prompt": texts, "adapter_ids": pa.array(named, pa.list_(pa.string()))})
+    rows = p(table).to_pylist()
+    assert len(rows) == sum(len(a) for a in named)
+    _check(model, store, rows, 3)

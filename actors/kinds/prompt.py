@@ -13,6 +13,8 @@ for classify and FEATURE_EXTRACTION for embed (encoders only, see `_task_type`).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -64,8 +66,9 @@ def virtual_tokens(tensors: dict, config, modules: dict[str, nn.Module], adapter
     wanted = _task_type(model)
     if wanted is None:
         raise AdapterError(f"adapter {adapter_id!r} is a {config.peft_type.value} adapter; Switchyard routes prompt "
-                           "learning for generate on decoder models and for classify and embed on encoder models "
-                           f"(BERT-style) only, not for a {type(model).__name__}")
+                           "learning for generate and classify on decoder models (classify where the model takes "
+                           "position_ids) and for classify and embed on encoder models (BERT-style) only, not for a "
+                           f"{type(model).__name__}")
     task_type = getattr(config.task_type, "value", config.task_type)
     if task_type != wanted:
         raise AdapterError(f"adapter {adapter_id!r} has task_type {task_type}; PEFT runs its prompt on a "
@@ -85,20 +88,27 @@ def virtual_tokens(tensors: dict, config, modules: dict[str, nn.Module], adapter
 
 def _task_type(model: nn.Module) -> str | None:
     """The task_type under which PEFT runs a prompt on `model` as Switchyard's task does:
-    CAUSAL_LM for a causal LM; SEQ_CLS and FEATURE_EXTRACTION for an encoder's classifier and
-    bare model (an encoder pools a fixed position, so virtual tokens in front leave its
-    padding alone; a decoder classifier given embeddings would pool the last position, padding
-    included: not routed). None for anything else."""
+    CAUSAL_LM for a causal LM; SEQ_CLS for a sequence classifier (a decoder's only where its
+    forward takes position_ids: with embeddings in, transformers pools the last position, so
+    the rows are left-padded with explicit positions); FEATURE_EXTRACTION for an encoder's
+    bare model (pooled over the real tokens). None for anything else."""
     from transformers.models.auto import modeling_auto as auto
 
-    name, model_type = type(model).__name__, model.config.model_type
+    name = type(model).__name__
     if name in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return CAUSAL_LM
-    if model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:  # not an encoder
-        return None
     if name in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
-        return "SEQ_CLS"
-    return "FEATURE_EXTRACTION" if name in auto.MODEL_MAPPING_NAMES.values() else None
+        positions = "position_ids" in inspect.signature(model.forward).parameters
+        return "SEQ_CLS" if is_encoder(model.config) or positions else None
+    return "FEATURE_EXTRACTION" if is_encoder(model.config) and name in auto.MODEL_MAPPING_NAMES.values() else None
+
+
+def is_encoder(model_config) -> bool:
+    """Whether the model is a BERT-style encoder (its type has a masked-LM head): such a
+    model pools a fixed position or every token, and is padded on the right."""
+    from transformers.models.auto import modeling_auto as auto
+
+    return model_config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 PROMPT_TUNING = Kind(peft_type="PROMPT_TUNING", title="prompt tuning", config_class="PromptTuningConfig",

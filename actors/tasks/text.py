@@ -10,6 +10,7 @@ import torch
 
 from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
 from actors.embedding import embedding_spec
+from actors.kinds.prompt import is_encoder
 from actors.layers import current_route
 from actors.tasks.base import Encoded, RowError, Task, context_length, is_missing, pad_ids
 from actors.tasks.pooling import pool
@@ -31,6 +32,7 @@ class TextTask(Task):
         self.context = context_length(model.config)
         self.pad_id = _pad_id(model.config, processor)
         self.vocab = model.get_input_embeddings().num_embeddings  # read before adapters wrap it
+        self.decoder = not is_encoder(model.config)  # rows with virtual tokens go left-padded then
 
     def encode(self, value: Any, params: dict) -> Encoded:
         if is_missing(value):
@@ -85,8 +87,9 @@ class TextTask(Task):
         length = max(r.shape[0] for r in rows)
         out = embeds.new_zeros(len(rows), length, embeds.shape[2])  # [B, T, d]
         out_mask = mask.new_zeros(len(rows), length)
+        left = self.left_padding or self.decoder  # a decoder classifier pools the last position
         for b, r in enumerate(rows):
-            span = slice(length - r.shape[0], length) if self.left_padding else slice(0, r.shape[0])
+            span = slice(length - r.shape[0], length) if left else slice(0, r.shape[0])
             out[b, span] = r
             out_mask[b, span] = 1
         return {"inputs_embeds": out, "attention_mask": out_mask}
@@ -113,7 +116,10 @@ class ClassifyTask(TextTask):
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
-        return self.model(**self._inputs(ids, mask)).logits.float()  # [B, labels]
+        inputs = self._inputs(ids, mask)
+        if "inputs_embeds" in inputs and self.decoder:  # left-padded: positions as each row alone has them
+            inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        return self.model(**inputs).logits.float()  # [B, labels]
 
     def run(self, rows: list[Encoded]) -> list[dict]:
         return label_rows(self.forward(rows), self.model.config.id2label, self.score_function)
