@@ -64,9 +64,10 @@ class Predictor:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.device = resolve_device(self.config.device)
-        hf_model, processor = load_model(self.config, self.device)
+        hf_model, processor, self._untrained = load_model(self.config, self.device)
         self.task = TASK_CLASSES[task](hf_model, processor, self.config)
         self.runtime = AdapterRuntime(hf_model, AdapterStore(adapters), self.config.max_loaded_adapters)
+        self._base_error = self._check_untrained(self.runtime.adapter_ids)
         if self.config.canary:
             from actors.canary import check_routing
 
@@ -87,8 +88,14 @@ class Predictor:
             ValueError: the adapter cannot be routed (the message says why), or it failed the
                 routing canary (then it is not kept).
         """
-        self.runtime.add(adapter_id, publish=not self.config.canary)
+        self.runtime.add(adapter_id, publish=False)
+        try:
+            self._check_untrained([adapter_id])
+        except ValueError:
+            self.runtime.remove(adapter_id)
+            raise
         if not self.config.canary:
+            self.runtime.publish(adapter_id)
             return
         from actors.canary import check_routing
 
@@ -98,6 +105,33 @@ class Predictor:
             self.runtime.remove(adapter_id)
             raise ValueError(str(e)) from e
         self.runtime.publish(adapter_id)  # only now can rows name it
+
+    def _check_untrained(self, adapter_ids: list[str]) -> str | None:
+        """Refuse weights the model folder lacks (transformers initialises them randomly),
+        unless each of `adapter_ids` carries its own copy of the modules holding them.
+
+        Returns:
+            None when the folder has every weight; else the error for base rows, which
+            would run the random weights.
+
+        Raises:
+            ValueError: naming the weights, and the adapters without their own copy.
+        """
+        if not self._untrained:
+            return None
+        n = len(self._untrained)
+        names = ", ".join(self._untrained[:4]) + (f" and {n - 4} more" if n > 4 else "")
+        auto = TASK_CLASSES[self.config.task].auto_class
+        lacking = [a for a in adapter_ids if not _supplies(self.runtime.heads_of(a), self._untrained)]
+        if lacking or not self.runtime.adapter_ids:
+            who = (f"; adapter(s) {', '.join(repr(a) for a in lacking[:3])} carry no copy of their own "
+                   "(modules_to_save)" if lacking else "")
+            raise ValueError(f"the model folder {self.config.model!r} has no trained weights for {names}: {auto} "
+                             f"initialises them randomly, so rows would be silently wrong{who}. Use the folder saved "
+                             f"for task {self.config.task!r} (with its head), the --task the folder was saved for, or "
+                             "adapters that each save those modules")
+        return (f"base rows would run the randomly initialised {names} (the model folder has no trained weights for "
+                "them); name one of the store's adapters, each of which carries its own")
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Forget an adapter; its rows get `unknown_adapter` afterwards.
@@ -163,6 +197,8 @@ class Predictor:
             try:
                 if row.adapter_key is not None and not self.knows(row.adapter_key):
                     raise RowError("unknown_adapter", f"adapter {row.adapter!r} is not in the adapter store")
+                if row.adapter_key is None and self._base_error:
+                    raise RowError("unknown_adapter", self._base_error)
                 row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
                 if row.adapter_key is not None:
                     self.task.check_virtual(row.encoded, self.runtime.virtual_length(row.adapter_key))
@@ -278,8 +314,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The task's Auto model class and tokenizer or image processor, from a local folder."""
+def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.Module, Any, list[str]]:
+    """The task's Auto model class and tokenizer or image processor, from a local folder,
+    and the names of the weights the folder lacks (missing or of another shape), which
+    transformers initialised randomly."""
     import transformers
 
     task_class = TASK_CLASSES[config.task]
@@ -287,12 +325,18 @@ def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.
     auto = getattr(transformers, task_class.auto_class)
     processor_class = transformers.AutoImageProcessor if config.task == "classify-image" else transformers.AutoTokenizer
     try:
-        model = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True,
-                                     use_safetensors=True)
+        model, info = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True,
+                                           use_safetensors=True, output_loading_info=True)
         processor = processor_class.from_pretrained(config.model, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load model folder {config.model!r} as {task_class.auto_class} for task "
                          f"{config.task!r}: {e}") from e
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device).eval(), processor
+    untrained = sorted({*info.get("missing_keys", ()), *(m[0] for m in info.get("mismatched_keys", ()))})
+    return model.to(device).eval(), processor, untrained
+
+
+def _supplies(heads: frozenset[str], weights: list[str]) -> bool:
+    """Whether whole-module copies `heads` hold every one of `weights` (dotted names)."""
+    return all(any(w.startswith(f"{h}.") for h in heads) for w in weights)

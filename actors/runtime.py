@@ -66,6 +66,7 @@ class AdapterRuntime:
         self._virtual: dict[int, torch.Tensor] = {}  # slot -> prompt learning's virtual tokens [n, d]
         self._prefix: dict[int, torch.Tensor] = {}  # slot -> prefix tuning's keys and values [2L, H, n, hd]
         self._virtual_lengths: dict[str, int] = {}  # adapter id -> positions its tokens or prefix take
+        self._head_names: dict[str, frozenset[str]] = {}  # adapter id -> the modules it saves whole
         self._validate_and_prepare()
 
     @property
@@ -98,7 +99,13 @@ class AdapterRuntime:
         """Read one adapter against the untouched base model."""
         weights = read_adapter(self.store.path(adapter_id), adapter_id, self.base)
         self._virtual_lengths[adapter_id] = weights.n_virtual
+        self._head_names[adapter_id] = frozenset(weights.heads)
         return weights
+
+    def heads_of(self, adapter_id: str) -> frozenset[str]:
+        """The base modules adapter `adapter_id` replaces whole with its own copy
+        (`modules_to_save`), as of its last read."""
+        return self._head_names.get(adapter_id, frozenset())
 
     def virtual_length(self, adapter_id: str) -> int:
         """How many positions adapter `adapter_id` puts in front of a row (the virtual tokens
