@@ -95,7 +95,27 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
     dataset = read_input(config.input, len(input_files.files), min_blocks=2 * config.concurrency)
     from pipeline.infer import infer
 
-    write_output(infer(dataset, config), output)
+    try:
+        write_output(infer(dataset, config), output)
+    except Exception as e:
+        refused = actor_start_error(e)
+        if refused is None:
+            raise
+        raise ValueError(f"the actors refused to start: {refused}") from None
+
+
+def actor_start_error(error: BaseException) -> str | None:
+    """The Predictor's own message when Ray Data's actors died while starting (a model
+    folder without the task's weights, a failed canary), or None for any other failure.
+    Ray wraps it in an ActorDiedError whose text ends with the original `Kind: message`."""
+    text = str(error)
+    if "ActorDiedError" not in type(error).__name__ and "creation task" not in text:
+        return None
+    for line in reversed(text.splitlines()):
+        for kind in ("ValueError: ", "RuntimeError: "):
+            if line.startswith(kind):
+                return line[len(kind):]
+    return None
 
 
 def init_ray() -> None:

@@ -204,6 +204,14 @@ def test_minilm_embed_mixed_batch_equals_peft_and_sentence_transformers(minilm):
     assert _max_diff([r["embedding"] for r in base], reference.tolist()) <= ATOL
 
 
+def test_minilm_folder_without_a_classifier_is_refused_for_classify(minilm):
+    """The package's folder is a bare encoder: classify would run a random classifier."""
+    model_dir, _, _, _ = minilm
+    with pytest.raises(ValueError, match=r"has no trained weights for classifier.bias, classifier.weight: "
+                                         r"AutoModelForSequenceClassification initialises them randomly"):
+        Predictor(model=model_dir, task="classify")
+
+
 def test_minilm_classify_mixed_batch_equals_peft(minilm):
     _, _, model_dir, store = minilm
     p = Predictor(model=model_dir, adapters=store, task="classify")

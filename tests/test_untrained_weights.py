@@ -81,3 +81,12 @@ def test_an_adapter_without_its_own_head_is_refused(headless, tmp_path):
     assert not p.knows("no-head")
     row = p(pa.table({"text": ["hello"], "adapter_id": ["no-head"]})).to_pylist()[0]
     assert row["error"].startswith("unknown_adapter:")
+
+
+def test_the_job_reports_the_refusal_in_one_line(ray_cluster, headless, tmp_path):
+    from test_job import _job
+
+    model, _ = headless
+    (tmp_path / "empty-store").mkdir()
+    with pytest.raises(ValueError, match=r"the actors refused to start: " + RANDOM_HEAD):
+        _job(tmp_path, model, str(tmp_path / "empty-store"), "classify", pa.table({"text": ["hello", "there"]}))
