@@ -13,7 +13,7 @@ type and base rows (`weights`), and 32 rows mixing every type and base rows (`mi
           prefix tuning, whose generate() PEFT 0.21.2 gets wrong on transformers 5),
 at max_new_tokens 1 (prefill) and 16 (decode), tokenizing and decoding included.
 
-    .venv/bin/python bench/adapter_types.py [--reps 5] [--threads 2]
+    .venv/bin/python bench/adapter_types.py [--reps 5] [--threads 2] [--only lora dora ...]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     args.add_argument("--reps", type=int, default=5)
     args.add_argument("--threads", type=int, default=2)
+    args.add_argument("--only", nargs="+", metavar="BATCH", help="run these rows only (e.g. lora dora mixed)")
     opts = args.parse_args()
     torch.set_num_threads(opts.threads)
     from peft import PeftModel
@@ -103,7 +104,7 @@ def main() -> None:
               "medians; ratios to the bare base model's generate")
         print(f"{'batch':>8} " + " ".join(f"{f'ours/base {n}':>13} {f'peft/base {n}':>13}" for n in NEW_TOKENS))
         weights = [n for n in configs() if n not in PROMPT_LEARNING]
-        for name in [*configs(), "weights", "mixed"]:
+        for name in [n for n in [*configs(), "weights", "mixed"] if not opts.only or n in opts.only]:
             if name in ("weights", "mixed", *PROMPT_LEARNING):  # no PEFT column (see the docstring)
                 cycle = {"weights": [*weights, None], "mixed": [*configs(), None]}.get(name, [name])
                 names, peft = [cycle[i % len(cycle)] for i in range(ROWS)], None
