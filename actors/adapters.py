@@ -44,6 +44,7 @@ class AdapterWeights:
     heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     virtual: torch.Tensor | None = None  # [n, d] prompt learning's virtual tokens
     prefix: torch.Tensor | None = None  # [layers * 2, heads, n, head_dim] prefix tuning's keys and values
+    id2label: dict[int, str] | None = None  # its own label names (config.json beside it), for classifiers
 
     @property
     def n_virtual(self) -> int:
@@ -109,6 +110,7 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     tensors = _read_tensors(path, adapter_id, values)
     modules = base.modules
     weights = AdapterWeights(adapter_id, config.peft_type.value)
+    weights.id2label = _read_labels(path, adapter_id, modules[""])
     kind = kind_of(weights.peft_type, adapter_id)
     if kind.prompt:  # prompt learning: virtual tokens or a prefix, and heads; no module adapted
         if kind.virtual is not None:
@@ -125,6 +127,44 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     weights.deltas = kind.deltas(tensors, config, modules, adapter_id)
     _check_targets(weights, config, modules, adapter_id)
     return weights
+
+
+def _read_labels(path: Path, adapter_id: str, model: nn.Module) -> dict[int, str] | None:
+    """An adapter's own label names for a classifier base: `id2label` of a `config.json`
+    beside adapter_config.json (what `model.config.save_pretrained(adapter_dir)` writes after
+    training on another label set). None when there is none, or the base is no classifier.
+
+    Raises:
+        AdapterError: a label map that is not one name per class id, or whose number of
+            labels differs from the base model's (the head's shape is the base's).
+    """
+    from transformers.models.auto import modeling_auto as auto
+
+    file = path / "config.json"
+    classifiers = (*auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values(),
+                   *auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values())
+    if not file.is_file() or type(model).__name__ not in classifiers:
+        return None
+    try:
+        raw = json.loads(file.read_text()).get("id2label")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AdapterError(f"adapter {adapter_id!r}: cannot read the label names of its config.json: {e}") from e
+    if raw is None:
+        return None
+    n = model.config.num_labels
+    try:
+        labels = {int(k): v for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        labels = None
+    if labels is None or sorted(labels) != list(range(len(labels))) or not all(isinstance(v, str) for v in
+                                                                                labels.values()):
+        raise AdapterError(f"adapter {adapter_id!r}: id2label in its config.json must map every class id 0..n-1 "
+                           "to a name")
+    if len(labels) != n:
+        raise AdapterError(f"adapter {adapter_id!r}: its config.json names {len(labels)} labels, the base model has "
+                           f"{n}; a classify adapter keeps the base's number of labels (its head has the base's "
+                           "shape): retrain it on the base's label count, or use a base with its own")
+    return labels
 
 
 def _read_config(path: Path, adapter_id: str):

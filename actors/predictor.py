@@ -235,6 +235,9 @@ class Predictor:
             group[0].error = f"internal: {type(e).__name__}: {e}"
             return
         for row, out in zip(group, outputs):
+            names = self.runtime.labels_of(row.adapter_key) if row.adapter_key is not None else None
+            if names and "label_id" in out:  # the adapter was trained on its own label names
+                out["label"] = names[out["label_id"]]
             row.outputs = out
 
     def _call_model(self, group: list[_Row]) -> list[dict]:

@@ -67,6 +67,7 @@ class AdapterRuntime:
         self._prefix: dict[int, torch.Tensor] = {}  # slot -> prefix tuning's keys and values [2L, H, n, hd]
         self._virtual_lengths: dict[str, int] = {}  # adapter id -> positions its tokens or prefix take
         self._head_names: dict[str, frozenset[str]] = {}  # adapter id -> the modules it saves whole
+        self._labels: dict[str, dict[int, str]] = {}  # adapter id -> its own label names, if it has some
         self._validate_and_prepare()
 
     @property
@@ -100,7 +101,15 @@ class AdapterRuntime:
         weights = read_adapter(self.store.path(adapter_id), adapter_id, self.base)
         self._virtual_lengths[adapter_id] = weights.n_virtual
         self._head_names[adapter_id] = frozenset(weights.heads)
+        if weights.id2label:
+            self._labels[adapter_id] = weights.id2label
+        else:
+            self._labels.pop(adapter_id, None)
         return weights
+
+    def labels_of(self, adapter_id: str) -> dict[int, str] | None:
+        """Adapter `adapter_id`'s own label names (a config.json beside it), or None."""
+        return self._labels.get(adapter_id)
 
     def heads_of(self, adapter_id: str) -> frozenset[str]:
         """The base modules adapter `adapter_id` replaces whole with its own copy

@@ -119,3 +119,50 @@ def test_image_scores_follow_problem_type(tmp_path):
     for row in out.to_pylist():
         logits = oracle.logits(model, store, row["adapter_id"], "classify-image", images[row["k"]])
         _check_row(row, logits, SIGMOID, id2label)
+
+
+# --- per-adapter label names ------------------------------------------------------------
+
+def _copy_adapter(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+def test_an_adapter_with_its_own_label_names_uses_them(bert, tmp_path):
+    """A config.json with id2label beside an adapter (`model.config.save_pretrained(dir)`
+    after training on other labels) names that adapter's labels; the others keep the base's."""
+    model, store = bert
+    own = {"0": "spam", "1": "ham", "2": "eggs"}
+    shop = tmp_path / "store"
+    _copy_adapter(Path(store) / "head-a", shop / "relabelled")
+    (shop / "relabelled" / "config.json").write_text(json.dumps({"id2label": own, "model_type": "bert"}))
+    _copy_adapter(Path(store) / "head-b", shop / "head-b")
+    p = Predictor(model=model, adapters=str(shop), task="classify")
+    base_names = json.loads((Path(model) / "config.json").read_text())["id2label"]
+    texts = [SENTENCES[i][: 10 + 7 * i] for i in range(6)]
+    adapters = ["relabelled", "head-b", None, "relabelled", "head-b", None]
+    for row in p(pa.table({"text": texts, "adapter_id": adapters})).to_pylist():
+        scores = oracle.scores(model, str(shop), row["adapter_id"], "classify", row["text"])
+        top = max(range(len(scores)), key=scores.__getitem__)
+        names = own if row["adapter_id"] == "relabelled" else base_names
+        assert (row["label_id"], row["label"]) == (top, names[str(top)]), row
+
+
+@pytest.mark.parametrize(("id2label", "message"), [
+    ({"0": "a", "1": "b"}, r"adapter 'two-labels': its config.json names 2 labels, the base model has 3; a classify "
+                           r"adapter keeps the base's number of labels"),
+    ({"0": "a", "2": "c", "3": "d"}, r"adapter 'two-labels': id2label in its config.json must map every class id "
+                                     r"0..n-1 to a name"),
+])
+def test_label_names_that_do_not_fit_are_refused(bert, tmp_path, id2label, message):
+    model, store = bert
+    adapter = _copy_adapter(Path(store) / "head-a", tmp_path / "store" / "two-labels")
+    (adapter / "config.json").write_text(json.dumps({"id2label": id2label}))
+    with pytest.raises(ValueError, match=message):
+        Predictor(model=model, adapters=str(tmp_path / "store"), task="classify")
+    from actors.validation import validate_store
+
+    with pytest.raises(ValueError, match=message):  # the job's driver check says the same
+        validate_store(model, str(tmp_path / "store"), "classify")
