@@ -25,7 +25,8 @@ class JobConfig:
     Args:
         model, adapters, task: the base model folder, the adapter store, the task.
         input, output: Parquet file/folder (local or any pyarrow URI) and output folder.
-        batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor.
+        batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor;
+        num_threads: torch threads per actor (default: num_cpus rounded down, at least 1).
         overwrite: replace the output folder's files instead of refusing a non-empty one.
         quick_adapter_check: check adapters on the driver from their safetensors headers only
             (the actors still read and check every value).
@@ -41,6 +42,8 @@ class JobConfig:
     concurrency: int = 1
     num_cpus: float | None = None
     num_gpus: float = 0.0
+    num_threads: int | None = None
+    progress_seconds: float = 30.0
     overwrite: bool = False
     quick_adapter_check: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +54,8 @@ class JobConfig:
         require(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
         require(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
         require(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
+        require(self.num_threads is None or self.num_threads >= 1, f"--num-threads ({self.num_threads}) must be >= 1")
+        require(self.progress_seconds >= 0, f"--progress-seconds ({self.progress_seconds}) must be >= 0")
         require(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         device = self.options.get("device", "auto")
         require(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
@@ -62,7 +67,7 @@ class JobConfig:
 
     def predictor_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `Predictor(...)` in each actor."""
-        threads = max(1, int(self.actor_cpus)) if self.num_gpus == 0 else None
+        threads = self.num_threads or (max(1, int(self.actor_cpus)) if self.num_gpus == 0 else None)
         return {"model": self.model, "adapters": self.adapters, "task": self.task, "num_threads": threads,
                 **self.options}
 
@@ -81,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="number of model actors (default 1)")
     p.add_argument("--num-cpus", type=float, help="CPUs per actor (default 1; fractions allowed)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (default 0)")
+    p.add_argument("--num-threads", type=int, help="torch threads per actor (default: --num-cpus rounded down, at "
+                   "least 1; torch's default on GPU actors); more than --num-cpus oversubscribes the CPUs Ray "
+                   "reserved for each actor")
+    p.add_argument("--progress-seconds", type=float, help="log a progress line this often when stderr is not a "
+                   "terminal (default 30; 0: never)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
     p.add_argument("--quick-adapter-check", action="store_true", default=None,
                    help="check adapters up front from their safetensors headers only, not every value (NaN/inf); "

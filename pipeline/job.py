@@ -30,6 +30,10 @@ class Summary:
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     per_adapter: dict[str, int] = field(default_factory=dict)
+    adapters: int = 0  # adapters in the store (each checked up front)
+    canary: bool = True  # every actor ran the start-up canary (an actor that failed it stops the job)
+    startup_seconds: float | None = None  # until the first output file: Ray, model, adapters, canary, first rows
+    steady_rate: float | None = None  # output rows per second after the first output file
 
     @property
     def rate(self) -> float:
@@ -40,13 +44,19 @@ class Summary:
         """The human-readable summary the job prints at the end."""
         errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
         adapters = ", ".join(f"{k} {v}" for k, v in sorted(self.per_adapter.items()))
+        canary = "passed in every actor" if self.canary else "off (--no-canary)"
+        first = "" if self.startup_seconds is None else (
+            f" (first output after {self.startup_seconds:.1f} s: Ray, model and adapter loading, the canary and the "
+            "first batches)")
+        steady = "" if self.steady_rate is None else f"; {self.steady_rate:.1f} after the first output"
         return [
             f"rows in: {self.rows_in}",
             f"rows out: {self.rows_out}",
             f"rows with errors: {sum(self.errors.values())} ({errors})",
             f"rows per adapter: {adapters}",
-            f"wall time: {self.seconds:.1f} s",
-            f"rows/s: {self.rate:.1f}",
+            f"adapters: {self.adapters} in the store, each checked up front; start-up canary: {canary}",
+            f"wall time: {self.seconds:.1f} s{first}",
+            f"rows/s: {self.rate:.1f} overall{steady}",
         ]
 
     def as_dict(self) -> dict:
@@ -70,17 +80,29 @@ def run(config: JobConfig) -> Summary:
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)
     output = check_output(config.output, config.overwrite)
-    validate_adapters(config)
+    adapter_ids = validate_adapters(config)
+    if adapter_ids:
+        shown = ", ".join(adapter_ids[:10]) + (f" and {len(adapter_ids) - 10} more" if len(adapter_ids) > 10 else "")
+        logger.info("adapter store: %d adapters checked: %s", len(adapter_ids), shown)
     if config.overwrite:
         clear_output(output)
     started = time.perf_counter()
     if input_files.rows == 0:  # Ray Data writes no file for an empty dataset: write the schema ourselves
         write_empty(output, output_schema(config.task, input_files.schema))
+        progress = None
     else:
-        _infer_on_ray(config, input_files, output, joined)
+        from pipeline.progress import Progress
+
+        every = 0.0 if sys.stderr.isatty() else config.progress_seconds  # a terminal shows Ray Data's bars
+        with Progress(output.staging, input_files.rows, every) as progress:
+            _infer_on_ray(config, input_files, output, joined)
+    ended = time.time()
     publish_files(output)
     summary = summarize(config.output, input_files.rows)
     summary.seconds = time.perf_counter() - started
+    summary.adapters, summary.canary = len(adapter_ids), config.options.get("canary", True)
+    if progress is not None:
+        summary.startup_seconds, summary.steady_rate = progress.split(ended)
     mark_complete(output, summary.as_dict())
     return summary
 

@@ -39,17 +39,21 @@ def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
     return adapter_ids
 
 
-def validate_adapters(config: JobConfig) -> None:
+def validate_adapters(config: JobConfig) -> list[str]:
     """Every adapter of the store as the actors will read it, on a meta-device copy of the
     base (the costliest up-front check: it imports torch and transformers, so it runs last).
+
+    Returns:
+        The adapter ids.
 
     Raises:
         ValueError: one line naming the first bad adapter.
     """
-    if config.adapters:
-        from actors.validation import validate_store
+    if not config.adapters:
+        return []
+    from actors.validation import validate_store
 
-        validate_store(config.model, config.adapters, config.task, values=not config.quick_adapter_check)
+    return validate_store(config.model, config.adapters, config.task, values=not config.quick_adapter_check)
 
 
 def check_processor_files(model: str, task: str) -> None:

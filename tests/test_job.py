@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, llama, job_input, tmp_
     model, store = llama
     entry = [sys.executable, "jobs/batch_infer.py", "--model", model, "--adapters", store, "--task", "generate",
              "--input", str(job_input), "--output", str(tmp_path / "out"), "--max-new-tokens", "3",
-             "--num-cpus", "0.5"]
+             "--num-cpus", "0.5", "--progress-seconds", "1"]
     ray_cli = Path(sys.executable).with_name("ray")
     for attempt in range(3):  # the head's job agent can take a few seconds to come up under load
         result = subprocess.run([str(ray_cli), "job", "submit", "--address", ray_cluster.dashboard_url,
@@ -207,6 +208,11 @@ def test_ray_job_submit_against_a_local_head(ray_cluster, llama, job_input, tmp_
         time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rows in: 2" in result.stdout and "rows out: 2" in result.stdout
+    n = len([p for p in Path(store).iterdir() if p.is_dir()])
+    assert f"adapters: {n} in the store, each checked up front; start-up canary: passed in every actor" in result.stdout
+    assert f"adapter store: {n} adapters checked: " in result.stdout
+    assert "progress: " in result.stdout  # stderr is no terminal here: a line every --progress-seconds
+    assert re.search(r"wall time: [0-9.]+ s \(first output after [0-9.]+ s: ", result.stdout), result.stdout[-2000:]
     rows = _read(tmp_path / "out")
     for row in rows:
         assert (row["generated_text"], row["num_generated_tokens"], row["finish_reason"]) == \
