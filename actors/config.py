@@ -26,7 +26,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 # sentence-transformers' pooling modes (its names), for task embed.
 POOLINGS = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
-_GENERATION = "generation defaults (task generate)."  # the help of max_new_tokens, temperature, top_p, seed, stop
 
 
 @dataclass
@@ -43,11 +42,18 @@ class PredictorConfig:
     device: str = field(default="auto", metadata={
         "help": '"auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".'})
     dtype: str = field(default="float32", metadata={"help": "weights and activations dtype."})
-    max_new_tokens: int = field(default=64, metadata={"help": _GENERATION})
-    temperature: float = field(default=0.0, metadata={"help": _GENERATION})
-    top_p: float = field(default=1.0, metadata={"help": _GENERATION})
-    seed: int | None = field(default=None, metadata={"help": _GENERATION})
-    stop: list[str] = field(default_factory=list, metadata={"help": _GENERATION})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "task generate: new tokens per row at most (a row's max_new_tokens column, or a request's "
+                "max_tokens, overrides it)."})
+    temperature: float = field(default=0.0, metadata={
+        "help": "task generate: 0 decodes greedily, above 0 samples (a row's temperature column, or a "
+                "request's temperature, overrides it)."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "task generate: nucleus sampling mass when sampling (1: the whole distribution)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "task generate: sampling seed; each row draws from its own generator seeded by it (None: random)."})
+    stop: list[str] = field(default_factory=list, metadata={
+        "help": "task generate: a stop string; a row's text ends before the first one it produces."})
     pooling: str | None = field(default=None, metadata={"choices": POOLINGS, "help": (
         "task embed: how the last hidden state is pooled (unset: as the folder's sentence-transformers files "
         "say, else mean).")})

@@ -327,6 +327,8 @@ def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.
     dtype = getattr(torch, config.dtype)
     auto = getattr(transformers, task_class.auto_class)
     processor_class = transformers.AutoImageProcessor if config.task == "classify-image" else transformers.AutoTokenizer
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar from every actor and replica
     try:
         model, info = auto.from_pretrained(config.model, dtype=dtype, trust_remote_code=False, local_files_only=True,
                                            use_safetensors=True, output_loading_info=True)
@@ -334,6 +336,9 @@ def load_model(config: PredictorConfig, device: torch.device) -> tuple[torch.nn.
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load model folder {config.model!r} as {task_class.auto_class} for task "
                          f"{config.task!r}: {e}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     for p in model.parameters():
         p.requires_grad_(False)
     untrained = sorted({*info.get("missing_keys", ()), *(m[0] for m in info.get("mismatched_keys", ()))})

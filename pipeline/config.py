@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with the same options (snake_case or kebab-case); flags win")
     p.add_argument("--model", help="local Hugging Face model folder")
     p.add_argument("--adapters", help="adapter store: a folder of PEFT adapter folders")
-    p.add_argument("--task", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--task", metavar="{" + ",".join(TASKS) + "}",  # checked by JobConfig: a one-line error
+                   help="what the model does with each row")
     p.add_argument("--input", help="Parquet file or folder (local path, s3://, gs://, ...)")
     p.add_argument("--output", help="output folder for Parquet files (local path, s3://, gs://, ...)")
     p.add_argument("--batch-size", type=int, help="rows per actor call (default 64)")

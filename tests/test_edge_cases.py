@@ -520,3 +520,33 @@ def test_non_string_adapter_ids_are_unknown_not_base(bert):
     out = p(pd.DataFrame({"text": ["a fine day", "a fine day"], "adapter_id": [0, 7]}))
     assert list(out["adapter_id"]) == ["0", "7"]
     assert all(e.startswith("unknown_adapter:") for e in out["error"])
+
+
+def test_rows_over_the_context_warn_nothing_and_loading_draws_no_bar(llama, bert, tmp_path, capfd):
+    """A too_long row is refused, so the tokenizer's "sequence length is longer than the
+    specified maximum" warning would only mislead; loading draws no "Loading weights" bar."""
+    import json
+
+    folder = shutil.copytree(bert[0], tmp_path / "bert")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 64  # the tokenizer warns past it (the model's context is 128)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    import logging
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = records.append
+    hf = logging.getLogger("transformers")
+    level = hf.level
+    hf.addHandler(catcher)
+    hf.setLevel(logging.WARNING)  # the suite runs with TRANSFORMERS_VERBOSITY=error
+    try:
+        for model, task, column in ((llama[0], "generate", "prompt"), (str(folder), "classify", "text")):
+            p = Predictor(model=model, task=task, canary=False)
+            row = p(pa.table({column: ["word " * 600]})).to_pylist()[0]
+            assert row["error"].startswith("too_long:")
+    finally:
+        hf.removeHandler(catcher)
+        hf.setLevel(level)
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]
+    assert "Loading weights" not in capfd.readouterr().err

@@ -603,7 +603,8 @@ def test_jobs_serve_prints_url_and_stops_on_sigint(llama, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", llama[0], "--adapters", llama[1], "--task",
                              "generate", "--port", str(port), "--max-new-tokens", "3"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,
+                            start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/v1" in line
@@ -612,6 +613,8 @@ def test_jobs_serve_prints_url_and_stops_on_sigint(llama, tmp_path):
         assert answer.status_code == 200
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
         assert proc.wait(timeout=120) == 0
+        noise = (tmp_path / "stderr.log").read_text()
+        assert "will not be applied" not in noise and "Loading weights" not in noise, noise[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

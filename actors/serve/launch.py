@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "for one base model and every adapter of a store, on Ray Serve.")
     p.add_argument("--model", required=True, help="local Hugging Face model folder")
     p.add_argument("--adapters", help="adapter store: a folder of PEFT adapter folders")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=TASKS, help="what the model does with each request")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     choices = {"dtype": DTYPES, "batcher": BATCHERS}
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
+    logging.getLogger("ray.serve").addFilter(_DropServeNotice())
     status = 0
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -79,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _take_down(joined)
     return status
+
+
+class _DropServeNotice(logging.Filter):
+    """Drops Serve's "New http_options/controller_options will not be applied" line: `serve.run`
+    logs it after `serve.start` set the options it means, so it misleads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
 
 
 def _connect_ray(host: str, port: int) -> bool:

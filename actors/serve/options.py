@@ -15,8 +15,6 @@ from actors.store import AdapterStore
 
 PREDICTOR_FIELDS = {f.name for f in fields(PredictorConfig)}
 BATCHERS = ("coalescer", "serve.batch")
-_RESOURCES = ("resources per replica. On CPU, torch uses int(num_cpus) threads (at least 1) unless "
-              "`num_threads` is given.")  # the help of num_cpus and num_gpus
 
 
 @dataclass
@@ -28,8 +26,9 @@ class ServeOptions:
 
     num_replicas: int = field(default=1, metadata={
         "help": "replicas of the deployment (each holds the base model and every adapter)."})
-    num_cpus: float = field(default=1.0, metadata={"help": _RESOURCES})
-    num_gpus: float = field(default=0.0, metadata={"help": _RESOURCES})
+    num_cpus: float = field(default=1.0, metadata={"help": (
+        "CPUs per replica; on CPU, torch uses int(num_cpus) threads (at least 1) unless --num-threads is given.")})
+    num_gpus: float = field(default=0.0, metadata={"help": "GPUs per replica (fractions share a GPU)."})
     max_batch_size: int = field(default=32, metadata={
         "help": "requests coalesced into one mixed batch (one Predictor call)."})
     batch_wait_timeout_s: float = field(default=0.01, metadata={"help": (

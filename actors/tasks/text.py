@@ -33,6 +33,9 @@ class TextTask(Task):
         self.pad_id = _pad_id(model.config, processor)
         self.vocab = model.get_input_embeddings().num_embeddings  # read before adapters wrap it
         self.decoder = not is_encoder(model.config)  # rows with virtual tokens go left-padded then
+        warned = getattr(processor, "deprecation_warnings", None)
+        if isinstance(warned, dict):  # rows over the context are refused as too_long: no tokenizer warning
+            warned["sequence-length-is-longer-than-the-specified-maximum"] = True
 
     def encode(self, value: Any, params: dict) -> Encoded:
         if is_missing(value):
