@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.config import DEVICES, DTYPES, TASKS, PredictorConfig, require
+from actors.config import DEVICES, DTYPES, INPUT_COLUMNS, TASKS, PredictorConfig, require
 from actors.options import add_flags, field_type
 
 # Predictor options the job passes through: every PredictorConfig option but the thread count,
 # which the job derives from --num-cpus.
 MODEL_OPTIONS = [name for name in PredictorConfig.option_names() if name != "num_threads"]
+COLUMN_FLAGS = {"--prompt-column": ("generate",), "--text-column": ("classify", "embed"),
+                "--image-column": ("classify-image",)}  # the flag naming each task's input column
 
 
 @dataclass
@@ -44,6 +46,11 @@ class JobConfig:
     num_gpus: float = 0.0
     num_threads: int | None = None
     progress_seconds: float = 30.0
+    limit: int | None = None
+    prompt_column: str | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    adapter_column: str | None = None
     overwrite: bool = False
     quick_adapter_check: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -56,9 +63,22 @@ class JobConfig:
         require(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
         require(self.num_threads is None or self.num_threads >= 1, f"--num-threads ({self.num_threads}) must be >= 1")
         require(self.progress_seconds >= 0, f"--progress-seconds ({self.progress_seconds}) must be >= 0")
+        require(self.limit is None or self.limit >= 1, f"--limit ({self.limit}) must be >= 1")
+        for flag, tasks in COLUMN_FLAGS.items():
+            given = getattr(self, flag.removeprefix("--").replace("-", "_"))
+            require(given is None or self.task in tasks, f"{flag} is for task {' or '.join(tasks)}; task "
+                    f"{self.task!r} reads its {INPUT_COLUMNS[self.task]!r} column from "
+                    f"{next(f for f, t in COLUMN_FLAGS.items() if self.task in t)}")
         require(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         device = self.options.get("device", "auto")
         require(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
+
+    @property
+    def input_column(self) -> str:
+        """The input's name for the column the task reads (`--prompt-column`, ...)."""
+        given = {"generate": self.prompt_column, "classify": self.text_column, "embed": self.text_column,
+                 "classify-image": self.image_column}[self.task]
+        return given or INPUT_COLUMNS[self.task]
 
     @property
     def actor_cpus(self) -> float:
@@ -92,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "reserved for each actor")
     p.add_argument("--progress-seconds", type=float, help="log a progress line this often when stderr is not a "
                    "terminal (default 30; 0: never)")
+    p.add_argument("--limit", type=int, help="run the first N input rows only (a sample run)")
+    p.add_argument("--prompt-column", help="task generate: the input column holding the prompt (default: prompt)")
+    p.add_argument("--text-column", help="tasks classify and embed: the input column holding the text (default: "
+                   "text)")
+    p.add_argument("--image-column", help="task classify-image: the input column holding the image bytes "
+                   "(default: image)")
+    p.add_argument("--adapter-column", help="the input column naming each row's adapter: a string column as "
+                   "adapter_id, a list column as adapter_ids (e.g. model, as Ray Data LLM names it)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
     p.add_argument("--quick-adapter-check", action="store_true", default=None,
                    help="check adapters up front from their safetensors headers only, not every value (NaN/inf); "

@@ -10,10 +10,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from actors.config import output_schema
+from actors.config import INPUT_COLUMNS, output_schema
 from pipeline.config import JobConfig
 from pipeline.read import InputFiles, open_input, read_input
-from pipeline.validate import validate_adapters, validate_job
+from pipeline.validate import column_renames, renamed, validate_adapters, validate_job
 from pipeline.write import (Output, OutputWriteError, check_output, clear_output, mark_complete, os_error,
                             publish_files, write_empty, write_output)
 
@@ -87,18 +87,21 @@ def run(config: JobConfig) -> Summary:
     if config.overwrite:
         clear_output(output)
     started = time.perf_counter()
-    if input_files.rows == 0:  # Ray Data writes no file for an empty dataset: write the schema ourselves
-        write_empty(output, output_schema(config.task, input_files.schema))
+    rows_in = input_files.rows if config.limit is None else min(config.limit, input_files.rows)
+    renames = column_renames(config, input_files.schema)
+    if rows_in == 0:  # Ray Data writes no file for an empty dataset: write the schema ourselves
+        schema = output_schema(config.task, renamed(input_files.schema, renames))
+        write_empty(output, renamed(schema, _names_back(config, schema)))
         progress = None
     else:
         from pipeline.progress import Progress
 
         every = 0.0 if sys.stderr.isatty() else config.progress_seconds  # a terminal shows Ray Data's bars
-        with Progress(output.staging, input_files.rows, every) as progress:
-            _infer_on_ray(config, input_files, output, joined)
+        with Progress(output.staging, rows_in, every) as progress:
+            _infer_on_ray(config, input_files, output, joined, renames)
     ended = time.time()
     publish_files(output)
-    summary = summarize(config.output, input_files.rows)
+    summary = summarize(config.output, rows_in)
     summary.seconds = time.perf_counter() - started
     summary.adapters, summary.canary = len(adapter_ids), config.options.get("canary", True)
     if progress is not None:
@@ -107,23 +110,36 @@ def run(config: JobConfig) -> Summary:
     return summary
 
 
-def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool) -> None:
-    """read -> infer -> write (into the output's staging folder) on Ray Data."""
+def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool,
+                  renames: dict[str, str]) -> None:
+    """read -> infer -> write (into the output's staging folder) on Ray Data; the input column
+    named by `--prompt-column` (or the text or image one) keeps its name in the output."""
     init_ray()
     if joined:
         import ray
 
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
-    dataset = read_input(config.input, len(input_files.files), min_blocks=2 * config.concurrency)
+    dataset = read_input(config.input, len(input_files.files), min_blocks=2 * config.concurrency, renames=renames,
+                         limit=config.limit)
     from pipeline.infer import infer
 
+    results = infer(dataset, config)
+    back = _names_back(config, output_schema(config.task, renamed(input_files.schema, renames)))
+    if back:
+        results = results.rename_columns(back)
     try:
-        write_output(infer(dataset, config), output)
+        write_output(results, output)
     except Exception as e:
         refused = actor_start_error(e)
         if refused is None:
             raise
         raise ValueError(f"the actors refused to start: {refused}") from None
+
+
+def _names_back(config: JobConfig, schema) -> dict[str, str]:
+    """The task's input column back to the input's own name, when the output carries it."""
+    wanted = INPUT_COLUMNS[config.task]
+    return {wanted: config.input_column} if config.input_column != wanted and wanted in schema.names else {}
 
 
 def actor_start_error(error: BaseException) -> str | None:

@@ -69,12 +69,18 @@ def _common_schema(files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
     return schemas[0]
 
 
-def read_input(uri: str, files: int, min_blocks: int):
-    """A Ray Dataset over `uri`; a few files are re-split into `min_blocks` blocks (one small
-    Parquet file is one block: a single actor would do all the work)."""
+def read_input(uri: str, files: int, min_blocks: int, renames: dict[str, str] | None = None,
+               limit: int | None = None):
+    """A Ray Dataset over `uri`: its first `limit` rows if given, columns renamed by `renames`
+    (old -> new); a few files are re-split into `min_blocks` blocks (one small Parquet file is
+    one block: a single actor would do all the work)."""
     import ray
 
     dataset = ray.data.read_parquet(uri)
-    if files < min_blocks:
+    if limit is not None:
+        dataset = dataset.limit(limit)
+    if renames:
+        dataset = dataset.rename_columns(renames)
+    if files < min_blocks or limit is not None:
         dataset = dataset.repartition(min_blocks)
     return dataset

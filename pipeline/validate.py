@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from actors.config import INPUT_COLUMNS, PredictorConfig
 from actors.store import AdapterStore
-from pipeline.config import JobConfig
+from pipeline.config import COLUMN_FLAGS, JobConfig
 from pipeline.paths import check_not_overlapping
 from pipeline.read import InputFiles
 
@@ -29,9 +29,10 @@ def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
     PredictorConfig(**config.predictor_kwargs())  # every model option, as each actor will check it
     check_processor_files(config.model, config.task)
     adapter_ids = AdapterStore(config.adapters).ids() if config.adapters else []
-    validate_columns(config.task, input_files.schema)
+    renames = column_renames(config, input_files.schema)
+    validate_columns(config.task, renamed(input_files.schema, renames))
     for path, schema in zip(input_files.files, input_files.file_schemas):
-        missing = [c for c in required_columns(config.task) if c not in schema.names]
+        missing = [c for c in required_columns(config.task) if c not in renamed(schema, renames).names]
         if missing:
             raise ValueError(f"input file {path!r} has no {missing[0]!r} column, which task {config.task!r} reads")
     check_not_overlapping(config.output, {"input": config.input, "model folder": config.model,
@@ -67,6 +68,43 @@ def check_processor_files(model: str, task: str) -> None:
     if not any((folder / name).is_file() for name in wanted):
         raise ValueError(f"model folder {model!r} has none of {', '.join(wanted)}, which task {task!r} needs; "
                          "save the tokenizer or image processor with the model (save_pretrained)")
+
+
+def column_renames(config: JobConfig, schema: pa.Schema) -> dict[str, str]:
+    """Input column -> the name the job reads it by, for `--prompt-column` (and the text and
+    image ones) and `--adapter-column` (a string column becomes adapter_id, a list column
+    adapter_ids).
+
+    Raises:
+        ValueError: a named column the input lacks, or one that would clash with a column of
+            the input that already has the name it is read by.
+    """
+    renames = {}
+    wanted, given = INPUT_COLUMNS[config.task], config.input_column
+    if given != wanted:
+        flag = next(f for f, tasks in COLUMN_FLAGS.items() if config.task in tasks)
+        if given not in schema.names:
+            raise ValueError(f"input has no {given!r} column ({flag}); its columns: {', '.join(schema.names)}")
+        if wanted in schema.names:
+            raise ValueError(f"input has both {given!r} ({flag}) and {wanted!r} columns; drop or rename {wanted!r}")
+        renames[given] = wanted
+    name = config.adapter_column
+    if name:
+        if name not in schema.names:
+            raise ValueError(f"input has no {name!r} column (--adapter-column); its columns: {', '.join(schema.names)}")
+        kind = schema.field(name).type
+        target = "adapter_ids" if pa.types.is_list(kind) or pa.types.is_large_list(kind) else "adapter_id"
+        clash = [c for c in ("adapter_id", "adapter_ids") if c in schema.names and c != name]
+        if clash:
+            raise ValueError(f"input has both {name!r} (--adapter-column) and {clash[0]!r} columns; keep one of them")
+        if name != target:
+            renames[name] = target
+    return renames
+
+
+def renamed(schema: pa.Schema, renames: dict[str, str]) -> pa.Schema:
+    """`schema` with its columns renamed by `renames` (old -> new)."""
+    return pa.schema([field.with_name(renames.get(field.name, field.name)) for field in schema])
 
 
 def validate_columns(task: str, schema: pa.Schema) -> None:

@@ -557,7 +557,8 @@ def test_every_flag_has_help_from_its_field_metadata():
     helps = {a.dest: a.help for a in build_parser()._actions}
     assert helps["batcher"].startswith('"coalescer" (Switchyard\'s')
     assert helps["batcher"].endswith("(default: coalescer)")
-    assert helps["stop"] == "generation defaults (task generate). (repeat for several; default: [])"
+    assert helps["stop"] == ("task generate: a stop string; a row's text ends before the first one it produces. "
+                             "(repeat for several; default: [])")
     args = vars(build_parser().parse_args(["--model", "m", "--task", "generate", "--no-canary", "--stop", "a"]))
     assert (args["canary"], args["stop"], args["normalize"], args["max_batch_size"]) == (False, ["a"], None, None)
 
