@@ -40,6 +40,8 @@ def from_columns(batch: Any, fmt: str, take: list[int], drop: set[str], outputs:
     arrays = {name: pa.array(outputs[name], type=schema.field(name).type) for name in schema.names}
     if fmt == "pyarrow":
         table = batch.drop_columns([c for c in batch.column_names if c in drop or c in arrays])
+        if not table.num_columns:  # nothing passes through (e.g. only image and adapter_id): the outputs alone
+            return pa.table(arrays)
         table = table.take(pa.array(take, type=pa.int64()))
         for name, array in arrays.items():
             table = table.append_column(name, array)

@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 # sentence-transformers' pooling modes (its names), for task embed.
 POOLINGS = ("mean", "cls", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
+SCORES = ("auto", "logits")
 
 
 @dataclass
@@ -63,6 +64,9 @@ class PredictorConfig:
     max_loaded_adapters: int | None = field(default=None, metadata={
         "help": "adapters held in memory at once (None: all of the store)."})
     canary: bool = field(default=True, metadata={"help": "run the start-up mixed-vs-alone check."})
+    scores: str = field(default="auto", metadata={"choices": SCORES, "help": (
+        "tasks classify and classify-image: auto (as transformers' pipelines: softmax, sigmoid or the logits, by "
+        "problem_type) or logits (the raw logits).")})
     max_batch_rows: int = field(default=64, metadata={"help": "rows per model call (larger batches are split)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
 
@@ -70,6 +74,7 @@ class PredictorConfig:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         require(self.task in TASKS, f"task ({self.task!r}) must be one of {', '.join(TASKS)}")
         require(self.dtype in DTYPES, f"dtype ({self.dtype!r}) must be one of {', '.join(DTYPES)}")
+        require(self.scores in SCORES, f"scores ({self.scores!r}) must be one of {', '.join(SCORES)}")
         require(self.device in DEVICES or str(self.device).startswith("cuda:"),
                f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,

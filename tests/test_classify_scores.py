@@ -166,3 +166,42 @@ def test_label_names_that_do_not_fit_are_refused(bert, tmp_path, id2label, messa
 
     with pytest.raises(ValueError, match=message):  # the job's driver check says the same
         validate_store(model, str(tmp_path / "store"), "classify")
+
+
+@pytest.mark.parametrize("task", ["classify", "classify-image"])
+def test_scores_logits_gives_the_raw_logits(bert, vit, task):
+    """`scores="logits"` (`--scores logits`): the head's raw logits, label_id their argmax."""
+    model, store = bert if task == "classify" else vit
+    column = "text" if task == "classify" else "image"
+    values = SENTENCES[:3] if task == "classify" else [png_bytes(seed=s) for s in range(3)]
+    p = Predictor(model=model, adapters=store, task=task, scores="logits")
+    cycle = [None, *sorted(p.adapter_ids)]
+    adapters = [cycle[k % len(cycle)] for k in range(len(values))]
+    for row, value in zip(p(pa.table({column: values, "adapter_id": adapters})).to_pylist(), values):
+        expected = oracle.logits(model, store, row["adapter_id"], task, value)
+        oracle.assert_close(row["scores"], expected.tolist(), what=str(row["adapter_id"]))
+        assert row["label_id"] == int(expected.argmax())
+    with pytest.raises(ValueError, match=r"scores \('probabilities'\) must be one of auto, logits"):
+        Predictor(model=model, task=task, scores="probabilities")
+
+
+@pytest.mark.parametrize("fmt", ["pyarrow", "pandas", "numpy"])
+def test_an_input_with_no_pass_through_column(vit, fmt):
+    """Only `image` (dropped from the output) and `adapter_id` (rewritten): the output is the
+    task's columns alone, one row per input row."""
+    import numpy as np
+
+    model, store = vit
+    p = Predictor(model=model, adapters=store, task="classify-image", canary=False)
+    images, adapters = [png_bytes(seed=s) for s in range(3)], [None, p.adapter_ids[0], None]
+    batch = pa.table({"image": images, "adapter_id": adapters})
+    if fmt == "pandas":
+        batch = batch.to_pandas()
+    elif fmt == "numpy":
+        batch = {"image": np.array(images, dtype=object), "adapter_id": np.array(adapters, dtype=object)}
+    out = p(batch)
+    rows = out.to_pylist() if fmt == "pyarrow" else (out.to_dict("records") if fmt == "pandas" else
+                                                     [dict(zip(out, v)) for v in zip(*out.values())])
+    missing = lambda v: v is None or v != v  # noqa: E731 - pandas holds a null string as NaN
+    assert len(rows) == 3 and all(missing(r["error"]) for r in rows)
+    assert [None if missing(r["adapter_id"]) else r["adapter_id"] for r in rows] == adapters

@@ -115,7 +115,7 @@ class ClassifyTask(TextTask):
         super().__init__(model, processor, config)
         if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by it
             model.config.pad_token_id = self.pad_id
-        self.score_function = score_function(model.config)
+        self.score_function = "none" if config.scores == "logits" else score_function(model.config)
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
