@@ -64,6 +64,10 @@ class PredictorConfig:
     max_loaded_adapters: int | None = field(default=None, metadata={
         "help": "adapters held in memory at once (None: all of the store)."})
     canary: bool = field(default=True, metadata={"help": "run the start-up mixed-vs-alone check."})
+    truncate: bool = field(default=False, metadata={"help": (
+        "cut text inputs over the model's context (less max_new_tokens; within sentence-transformers' "
+        "max_seq_length for embed) on the side the tokenizer's truncation_side names, instead of refusing them "
+        "as too_long.")})
     scores: str = field(default="auto", metadata={"choices": SCORES, "help": (
         "tasks classify and classify-image: auto (as transformers' pipelines: softmax, sigmoid or the logits, by "
         "problem_type) or logits (the raw logits).")})

@@ -79,7 +79,7 @@ class GenerateTask(TextTask):
             raise RowError("empty_input", "prompt is null or empty")
         if not isinstance(value, str):
             raise RowError("bad_parameter", f"prompt must be a string, got {type(value).__name__}")
-        ids = self.processor(value)["input_ids"]
+        ids = self._tokenize(value, params["max_new_tokens"])
         self._check_length(len(ids), params["max_new_tokens"])
         return Encoded(ids, params)
 

@@ -42,11 +42,24 @@ class TextTask(Task):
             raise RowError("empty_input", f"{self.input_column} is null or empty")
         if not isinstance(value, str):
             raise RowError("bad_parameter", f"{self.input_column} must be a string, got {type(value).__name__}")
-        ids = self.processor(value)["input_ids"]
+        ids = self._tokenize(value, 0)
         if not ids:  # nothing to pool or classify (a tokenizer without special tokens)
             raise RowError("empty_input", f"{self.input_column} tokenizes to no tokens")
         self._check_length(len(ids), 0)
         return Encoded(ids, params)
+
+    def _tokenize(self, value: str, n_new: int) -> list[int]:
+        """The text's token ids; with the `truncate` option, cut to what fits (`n_new` tokens
+        left for generation) on the side the tokenizer's `truncation_side` names, its special
+        tokens kept, as `tokenizer(text, truncation=True, max_length=...)` does."""
+        limit = self._max_input(n_new)
+        if self.config.truncate and limit is not None and limit > 0:
+            return self.processor(value, truncation=True, max_length=limit)["input_ids"]
+        return self.processor(value)["input_ids"]
+
+    def _max_input(self, n_new: int) -> int | None:
+        """How many input tokens fit beside `n_new` new ones (None: no limit)."""
+        return None if self.context is None else self.context - n_new
 
     def _check_length(self, n_input: int, n_new: int) -> None:
         """Raise too_long when the row does not fit the model's context."""
@@ -141,6 +154,11 @@ class EmbedTask(TextTask):
         self.spec = embedding_spec(config.model, config.pooling, config.normalize)
         logger.info("embed pooling: %s (%s), normalize %s", "+".join(self.spec.modes), self.spec.source,
                     self.spec.normalize)
+
+    def _max_input(self, n_new: int) -> int | None:
+        """Also within sentence-transformers' max_seq_length."""
+        limits = [x for x in (super()._max_input(n_new), self.spec.max_length) if x is not None]
+        return min(limits) if limits else None
 
     def _check_length(self, n_input: int, n_new: int) -> None:
         """Also refuse rows over sentence-transformers' max_seq_length, which it would truncate."""
