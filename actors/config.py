@@ -64,6 +64,9 @@ class PredictorConfig:
     max_loaded_adapters: int | None = field(default=None, metadata={
         "help": "adapters held in memory at once (None: all of the store)."})
     canary: bool = field(default=True, metadata={"help": "run the start-up mixed-vs-alone check."})
+    lora_modules: list[str] = field(default_factory=list, metadata={"help": (
+        "an adapter outside the adapter store, as name=path (vLLM's --lora-modules); rows name it like a store "
+        "adapter.")})
     truncate: bool = field(default=False, metadata={"help": (
         "cut text inputs over the model's context (less max_new_tokens; within sentence-transformers' "
         "max_seq_length for embed) on the side the tokenizer's truncation_side names, instead of refusing them "
@@ -79,6 +82,10 @@ class PredictorConfig:
         require(self.task in TASKS, f"task ({self.task!r}) must be one of {', '.join(TASKS)}")
         require(self.dtype in DTYPES, f"dtype ({self.dtype!r}) must be one of {', '.join(DTYPES)}")
         require(self.scores in SCORES, f"scores ({self.scores!r}) must be one of {', '.join(SCORES)}")
+        self.lora_modules = [self.lora_modules] if isinstance(self.lora_modules, str) else list(self.lora_modules or [])
+        from actors.store import parse_lora_modules
+
+        parse_lora_modules(self.lora_modules)  # raises ValueError for a bad entry
         require(self.device in DEVICES or str(self.device).startswith("cuda:"),
                f"device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
         require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,

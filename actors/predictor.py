@@ -19,7 +19,7 @@ import torch
 from actors.batches import from_columns, to_columns
 from actors.config import ADAPTER_ID, ADAPTER_IDS, ERROR, PredictorConfig, added_columns, dropped_columns
 from actors.runtime import AdapterRuntime, UnknownAdapterError
-from actors.store import AdapterStore
+from actors.store import AdapterStore, parse_lora_modules
 from actors.tasks import TASK_CLASSES, Encoded, RowError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class Predictor:
         self.device = resolve_device(self.config.device)
         hf_model, processor, self._untrained = load_model(self.config, self.device)
         self.task = TASK_CLASSES[task](hf_model, processor, self.config)
-        self.runtime = AdapterRuntime(hf_model, AdapterStore(adapters), self.config.max_loaded_adapters)
+        store = AdapterStore(adapters, parse_lora_modules(self.config.lora_modules))
+        self.runtime = AdapterRuntime(hf_model, store, self.config.max_loaded_adapters)
         self._base_error = self._check_untrained(self.runtime.adapter_ids)
         if self.config.canary:
             from actors.canary import check_routing

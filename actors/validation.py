@@ -49,12 +49,13 @@ def meta_base(model: str, task: str) -> BaseTree:
     return BaseTree(skeleton)
 
 
-def validate_store(model: str, adapters: str | None, task: str, values: bool = True) -> list[str]:
+def validate_store(model: str, adapters: str | None, task: str, values: bool = True,
+                   modules: dict[str, str] | None = None) -> list[str]:
     """Check every adapter of the store against the base model, as the actors will.
 
     Args:
         model: the local model folder.
-        adapters: the adapter store (None: nothing to check).
+        adapters: the adapter store (None: none).
         task: the task.
         values: also read every tensor's values (finite checks); False reads headers only.
 
@@ -65,7 +66,7 @@ def validate_store(model: str, adapters: str | None, task: str, values: bool = T
         ValueError: one line: the first bad adapter (in id order), what is wrong and what to
             do, and how many others fail too.
     """
-    store = AdapterStore(adapters)
+    store = AdapterStore(adapters, modules)
     ids = store.ids()
     if not ids:
         return ids

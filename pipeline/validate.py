@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from actors.config import INPUT_COLUMNS, PredictorConfig
-from actors.store import AdapterStore
+from actors.store import AdapterStore, parse_lora_modules
 from pipeline.config import COLUMN_FLAGS, JobConfig
 from pipeline.paths import check_not_overlapping
 from pipeline.read import InputFiles
@@ -28,7 +28,7 @@ def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
     """
     PredictorConfig(**config.predictor_kwargs())  # every model option, as each actor will check it
     check_processor_files(config.model, config.task)
-    adapter_ids = AdapterStore(config.adapters).ids() if config.adapters else []
+    adapter_ids = AdapterStore(config.adapters, lora_modules(config)).ids()
     renames = column_renames(config, input_files.schema)
     validate_columns(config.task, renamed(input_files.schema, renames))
     for path, schema in zip(input_files.files, input_files.file_schemas):
@@ -50,11 +50,18 @@ def validate_adapters(config: JobConfig) -> list[str]:
     Raises:
         ValueError: one line naming the first bad adapter.
     """
-    if not config.adapters:
+    modules = lora_modules(config)
+    if not config.adapters and not modules:
         return []
     from actors.validation import validate_store
 
-    return validate_store(config.model, config.adapters, config.task, values=not config.quick_adapter_check)
+    return validate_store(config.model, config.adapters, config.task, values=not config.quick_adapter_check,
+                          modules=modules)
+
+
+def lora_modules(config: JobConfig) -> dict[str, str]:
+    """The adapters given outside the store (`--lora-modules name=path`), by name."""
+    return parse_lora_modules(config.options.get("lora_modules"))
 
 
 def check_processor_files(model: str, task: str) -> None:

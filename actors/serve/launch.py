@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         application = build_app({k: v for k, v in args.items() if v is not None})
-        if args.get("adapters"):  # every adapter as the replicas will read it, before Ray starts
+        if args.get("adapters") or args.get("lora_modules"):  # every adapter as the replicas will read it
+            from actors.store import parse_lora_modules
             from actors.validation import validate_store
 
-            validate_store(args["model"], args["adapters"], args["task"])
+            validate_store(args["model"], args.get("adapters"), args["task"],
+                           modules=parse_lora_modules(args.get("lora_modules")))
         joined = _connect_ray(host, port)
     except ValueError as e:
         print(f"serve.py: error: {e}", file=sys.stderr)

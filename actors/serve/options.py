@@ -11,7 +11,7 @@ from typing import Any
 
 from actors.config import PredictorConfig, require
 from actors.options import convert
-from actors.store import AdapterStore
+from actors.store import AdapterStore, parse_lora_modules
 
 PREDICTOR_FIELDS = {f.name for f in fields(PredictorConfig)}
 BATCHERS = ("coalescer", "serve.batch")
@@ -122,7 +122,7 @@ def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], ServeOptions]:
     if "num_threads" in PREDICTOR_FIELDS and predictor.get("num_threads") is None and options.predictor_threads():
         predictor["num_threads"] = options.predictor_threads()
     PredictorConfig(**predictor)
-    AdapterStore(predictor.get("adapters")).ids()  # a missing store or a non-adapter sub-folder, up front
+    AdapterStore(predictor.get("adapters"), parse_lora_modules(predictor.get("lora_modules"))).ids()  # up front
     return predictor, options
 
 
