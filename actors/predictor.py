@@ -186,7 +186,8 @@ class Predictor:
     def _expand(self, columns: dict, n: int) -> list[_Row]:
         """One _Row per input row, or per named adapter of a fan-out row."""
         if ADAPTER_IDS in columns:
-            return [_Row(i, a) for i, ids in enumerate(columns[ADAPTER_IDS]) for a in (_named(ids, i) or [None])]
+            return [_Row(i, None if a == "" else a) for i, ids in enumerate(columns[ADAPTER_IDS])
+                    for a in (_named(ids, i) or [None])]  # a fan-out's base rows: adapter_id null, however named
         adapters = columns.get(ADAPTER_ID, [None] * n)
         return [_Row(i, adapters[i]) for i in range(n)]
 

@@ -67,7 +67,7 @@ def batches(draw, ids: list[str], max_rows: int, texts=None):
         lists = st.one_of(st.none(), st.lists(_adapter(ids), max_size=3))
         named = draw(st.lists(lists, min_size=n, max_size=n))
         column = {"adapter_ids": pa.array(named, pa.list_(pa.string()))}
-        expansions = [list(a or []) or [None] for a in named]
+        expansions = [[None if x == "" else x for x in (a or [])] or [None] for a in named]  # base rows: null
     return pa.table({"value": pa.array(values, pa.string()), **column, "k": pa.array(range(n), pa.int64())}), expansions
 
 
