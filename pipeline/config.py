@@ -47,6 +47,7 @@ class JobConfig:
     num_threads: int | None = None
     progress_seconds: float = 30.0
     limit: int | None = None
+    rows_per_block: int | None = None
     prompt_column: str | None = None
     text_column: str | None = None
     image_column: str | None = None
@@ -64,6 +65,8 @@ class JobConfig:
         require(self.num_threads is None or self.num_threads >= 1, f"--num-threads ({self.num_threads}) must be >= 1")
         require(self.progress_seconds >= 0, f"--progress-seconds ({self.progress_seconds}) must be >= 0")
         require(self.limit is None or self.limit >= 1, f"--limit ({self.limit}) must be >= 1")
+        require(self.rows_per_block is None or self.rows_per_block >= 1,
+                f"--rows-per-block ({self.rows_per_block}) must be >= 1")
         for flag, tasks in COLUMN_FLAGS.items():
             given = getattr(self, flag.removeprefix("--").replace("-", "_"))
             require(given is None or self.task in tasks, f"{flag} is for task {' or '.join(tasks)}; task "
@@ -113,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-seconds", type=float, help="log a progress line this often when stderr is not a "
                    "terminal (default 30; 0: never)")
     p.add_argument("--limit", type=int, help="run the first N input rows only (a sample run)")
+    p.add_argument("--rows-per-block", type=int, help="rows per Ray Data block, each written as its own output "
+                   "file as soon as it is done (default: the input split across 2 x --concurrency blocks, at most "
+                   "max(1000, --batch-size) rows each)")
     p.add_argument("--prompt-column", help="task generate: the input column holding the prompt (default: prompt)")
     p.add_argument("--text-column", help="tasks classify and embed: the input column holding the text (default: "
                    "text)")

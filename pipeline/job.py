@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 from actors.config import INPUT_COLUMNS, output_schema
 from pipeline.config import JobConfig
-from pipeline.read import InputFiles, open_input, read_input
+from pipeline.read import InputFiles, block_rows, open_input, read_input
 from pipeline.validate import column_renames, renamed, validate_adapters, validate_job
 from pipeline.write import (Output, OutputWriteError, check_output, clear_output, mark_complete, os_error,
                             publish_files, write_empty, write_output)
 
 logger = logging.getLogger(__name__)
+BLOCK_ROWS = 1000  # default largest block: an output file is written at least every this many rows
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -119,8 +120,9 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
         import ray
 
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
-    dataset = read_input(config.input, len(input_files.files), min_blocks=2 * config.concurrency, renames=renames,
-                         limit=config.limit)
+    rows = input_files.rows if config.limit is None else min(config.limit, input_files.rows)
+    per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency, max(config.batch_size, BLOCK_ROWS))
+    dataset = read_input(config.input, per_block, renames=renames, limit=config.limit)
     from pipeline.infer import infer
 
     results = infer(dataset, config)

@@ -69,11 +69,11 @@ def _common_schema(files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
     return schemas[0]
 
 
-def read_input(uri: str, files: int, min_blocks: int, renames: dict[str, str] | None = None,
-               limit: int | None = None):
+def read_input(uri: str, rows_per_block: int, renames: dict[str, str] | None = None, limit: int | None = None):
     """A Ray Dataset over `uri`: its first `limit` rows if given, columns renamed by `renames`
-    (old -> new); a few files are re-split into `min_blocks` blocks (one small Parquet file is
-    one block: a single actor would do all the work)."""
+    (old -> new), in blocks of `rows_per_block` rows (streamed: Ray Data would merge small
+    files into one block, so one actor would do all the work and the only output file would
+    be written at the very end)."""
     import ray
 
     dataset = ray.data.read_parquet(uri)
@@ -81,6 +81,10 @@ def read_input(uri: str, files: int, min_blocks: int, renames: dict[str, str] | 
         dataset = dataset.limit(limit)
     if renames:
         dataset = dataset.rename_columns(renames)
-    if files < min_blocks or limit is not None:
-        dataset = dataset.repartition(min_blocks)
-    return dataset
+    return dataset.repartition(target_num_rows_per_block=rows_per_block)
+
+
+def block_rows(rows: int, min_blocks: int, largest: int) -> int:
+    """Rows per block: enough blocks for every actor (`min_blocks`), none over `largest` rows
+    (so the output reaches storage as the job goes), at least one row."""
+    return max(1, min(largest, -(-rows // max(1, min_blocks))))

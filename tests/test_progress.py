@@ -64,3 +64,28 @@ def test_thread_and_progress_flags_are_checked():
         config_from_args([*base, "--num-threads", "0"])
     with pytest.raises(ValueError, match=r"--progress-seconds \(-1.0\) must be >= 0"):
         config_from_args([*base, "--progress-seconds", "-1"])
+
+
+@pytest.mark.parametrize(("rows", "min_blocks", "largest", "expected"), [
+    (20000, 4, 1000, 1000),  # many rows: blocks of at most `largest`, so output is written as the job goes
+    (240, 4, 1000, 60),  # the demo: one block per actor and a spare
+    (2, 4, 1000, 1),
+    (0, 4, 1000, 1),
+])
+def test_block_rows(rows, min_blocks, largest, expected):
+    from pipeline.read import block_rows
+
+    assert block_rows(rows, min_blocks, largest) == expected
+
+
+def test_output_reaches_storage_block_by_block(ray_cluster, llama, tmp_path):
+    """40 rows in blocks of 10: four output files, written one after another, so the summary
+    has a steady rate after the first one."""
+    from test_job import _job
+
+    model, store = llama
+    table = pa.table({"id": list(range(40)), "prompt": ["hello there"] * 40, "adapter_id": ["lora-qv", None] * 20})
+    rows = _job(tmp_path, model, store, "generate", table, "--max-new-tokens", "1", "--rows-per-block", "10")
+    assert len(rows) == 40
+    files = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".parquet"]
+    assert len(files) == 4 and sorted(pq.ParquetFile(p).metadata.num_rows for p in files) == [10, 10, 10, 10]
