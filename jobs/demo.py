@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="your model folder (default: build a small demo Llama)")
     p.add_argument("--adapters", help="your adapter store (with --model)")
     p.add_argument("--input", help="your Parquet input with prompt and adapter_id/adapter_ids (with --model)")
-    p.add_argument("--task", default="generate", choices=["generate", "classify", "embed", "classify-image"],
+    from actors.config import TASKS
+
+    p.add_argument("--task", default="generate", choices=TASKS,
                    help="the job's task (the built-in demo is generate; another task needs --model and --input)")
     p.add_argument("--rows", type=int, default=240, help="rows of the built-in demo input")
     args = p.parse_args(argv)

@@ -20,6 +20,15 @@ COLUMN_FLAGS = {"--prompt-column": ("generate",), "--text-column": ("classify", 
                 "--image-column": ("classify-image",)}  # the flag naming each task's input column
 
 
+def column_flag(task: str) -> str:
+    """The flag that names `task`'s input column under another name (`--prompt-column`, ...)."""
+    return next(flag for flag, tasks in COLUMN_FLAGS.items() if task in tasks)
+
+
+def _flag_field(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
 @dataclass
 class JobConfig:
     """Everything the batch job needs.
@@ -68,10 +77,9 @@ class JobConfig:
         require(self.rows_per_block is None or self.rows_per_block >= 1,
                 f"--rows-per-block ({self.rows_per_block}) must be >= 1")
         for flag, tasks in COLUMN_FLAGS.items():
-            given = getattr(self, flag.removeprefix("--").replace("-", "_"))
+            given = getattr(self, _flag_field(flag))
             require(given is None or self.task in tasks, f"{flag} is for task {' or '.join(tasks)}; task "
-                    f"{self.task!r} reads its {INPUT_COLUMNS[self.task]!r} column from "
-                    f"{next(f for f, t in COLUMN_FLAGS.items() if self.task in t)}")
+                    f"{self.task!r} reads its {INPUT_COLUMNS[self.task]!r} column from {column_flag(self.task)}")
         require(self.options.get("dtype", "float32") in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}")
         device = self.options.get("device", "auto")
         require(device in DEVICES or str(device).startswith("cuda:"), f"--device ({device!r}) must be auto, cpu or cuda")
@@ -79,9 +87,7 @@ class JobConfig:
     @property
     def input_column(self) -> str:
         """The input's name for the column the task reads (`--prompt-column`, ...)."""
-        given = {"generate": self.prompt_column, "classify": self.text_column, "embed": self.text_column,
-                 "classify-image": self.image_column}[self.task]
-        return given or INPUT_COLUMNS[self.task]
+        return getattr(self, _flag_field(column_flag(self.task))) or INPUT_COLUMNS[self.task]
 
     @property
     def actor_cpus(self) -> float:

@@ -99,7 +99,7 @@ def run(config: JobConfig) -> Summary:
 
         every = 0.0 if sys.stderr.isatty() else config.progress_seconds  # a terminal shows Ray Data's bars
         with Progress(output.staging, rows_in, every) as progress:
-            _infer_on_ray(config, input_files, output, joined, renames)
+            _infer_on_ray(config, input_files, output, joined, renames, rows_in)
     ended = time.time()
     publish_files(output)
     summary = summarize(config.output, rows_in)
@@ -112,7 +112,7 @@ def run(config: JobConfig) -> Summary:
 
 
 def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool,
-                  renames: dict[str, str]) -> None:
+                  renames: dict[str, str], rows: int) -> None:
     """read -> infer -> write (into the output's staging folder) on Ray Data; the input column
     named by `--prompt-column` (or the text or image one) keeps its name in the output."""
     init_ray()
@@ -120,7 +120,6 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
         import ray
 
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
-    rows = input_files.rows if config.limit is None else min(config.limit, input_files.rows)
     per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency, max(config.batch_size, BLOCK_ROWS))
     dataset = read_input(config.input, per_block, renames=renames, limit=config.limit)
     from pipeline.infer import infer

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from actors.config import INPUT_COLUMNS, PredictorConfig
 from actors.store import AdapterStore, parse_lora_modules
-from pipeline.config import COLUMN_FLAGS, JobConfig
+from pipeline.config import JobConfig, column_flag
 from pipeline.paths import check_not_overlapping
 from pipeline.read import InputFiles
 
@@ -89,7 +89,7 @@ def column_renames(config: JobConfig, schema: pa.Schema) -> dict[str, str]:
     renames = {}
     wanted, given = INPUT_COLUMNS[config.task], config.input_column
     if given != wanted:
-        flag = next(f for f, tasks in COLUMN_FLAGS.items() if config.task in tasks)
+        flag = column_flag(config.task)
         if given not in schema.names:
             raise ValueError(f"input has no {given!r} column ({flag}); its columns: {', '.join(schema.names)}")
         if wanted in schema.names:

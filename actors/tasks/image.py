@@ -24,7 +24,7 @@ class ClassifyImageTask(Task):
 
     def __init__(self, model, processor, config) -> None:
         super().__init__(model, processor, config)
-        self.score_function = "none" if config.scores == "logits" else score_function(model.config)
+        self.score_function = score_function(model.config, config.scores)
 
     def encode(self, value: Any, params: dict) -> Encoded:
         from PIL import Image, UnidentifiedImageError

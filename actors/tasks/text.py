@@ -128,7 +128,7 @@ class ClassifyTask(TextTask):
         super().__init__(model, processor, config)
         if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by it
             model.config.pad_token_id = self.pad_id
-        self.score_function = "none" if config.scores == "logits" else score_function(model.config)
+        self.score_function = score_function(model.config, config.scores)
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
@@ -220,19 +220,21 @@ def _real_positions(hidden: torch.Tensor, mask: torch.Tensor, virtual: list) -> 
     return out
 
 
-def score_function(model_config) -> str:
+def score_function(model_config, scores: str = "auto") -> str:
     """The function from logits to scores, as transformers' text- and image-classification
     pipelines pick it by default: none (the logits) for problem_type regression; sigmoid for
-    multi_label_classification or a single logit; softmax otherwise.
+    multi_label_classification or a single logit; softmax otherwise. The `scores` option
+    "logits" asks for the logits whatever the problem_type.
 
     Args:
         model_config: the model's PretrainedConfig (problem_type, num_labels).
+        scores: the Predictor's `scores` option, "auto" or "logits".
 
     Returns:
         A key of SCORE_FUNCTIONS.
     """
     problem = getattr(model_config, "problem_type", None)
-    if problem == "regression":
+    if scores == "logits" or problem == "regression":
         return "none"
     if problem == "multi_label_classification" or model_config.num_labels == 1:
         return "sigmoid"
