@@ -12,6 +12,7 @@ Anything no kind can route is refused here, naming the adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,9 +21,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from actors.kinds import DELTA_MARKERS as _DELTA_MARKERS  # key endings marking one module's weights
+from actors.kinds import (
+    DELTA_MARKERS as _DELTA_MARKERS,  # key endings marking one module's weights
+)
 from actors.kinds import KINDS, kind_of
-from actors.kinds.common import PREFIX, WEIGHTS_FILE, AdapterError, ModuleDelta, module_dims, refuse_leftovers
+from actors.kinds.common import (
+    PREFIX,
+    WEIGHTS_FILE,
+    AdapterError,
+    ModuleDelta,
+    module_dims,
+    refuse_leftovers,
+)
 
 __all__ = ["KINDS", "PREFIX", "WEIGHTS_FILE", "AdapterError", "AdapterWeights", "BaseTree", "ModuleDelta",
            "module_dims", "peft_modules_to_save", "read_adapter"]
@@ -45,6 +55,7 @@ class AdapterWeights:
     virtual: torch.Tensor | None = None  # [n, d] prompt learning's virtual tokens
     prefix: torch.Tensor | None = None  # [layers * 2, heads, n, head_dim] prefix tuning's keys and values
     id2label: dict[int, str] | None = None  # its own label names (config.json beside it), for classifiers
+    version: str | None = None  # content hash of the files it was read from (`adapter_version`)
 
     @property
     def n_virtual(self) -> int:
@@ -109,7 +120,7 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     config = _read_config(path, adapter_id)
     tensors = _read_tensors(path, adapter_id, values)
     modules = base.modules
-    weights = AdapterWeights(adapter_id, config.peft_type.value)
+    weights = AdapterWeights(adapter_id, config.peft_type.value, version=adapter_version(path) if values else None)
     weights.id2label = _read_labels(path, adapter_id, modules[""])
     kind = kind_of(weights.peft_type, adapter_id)
     if kind.prompt:  # prompt learning: virtual tokens or a prefix, and heads; no module adapted
@@ -127,6 +138,34 @@ def read_adapter(path: Path, adapter_id: str, base: BaseTree, values: bool = Tru
     weights.deltas = kind.deltas(tensors, config, modules, adapter_id)
     _check_targets(weights, config, modules, adapter_id)
     return weights
+
+
+VERSION_FILES = ("adapter_config.json", WEIGHTS_FILE, "config.json")  # what read_adapter reads
+VERSION_CHARS = 12
+
+
+def adapter_version(path: Path) -> str:
+    """A short content hash of an adapter folder's config, weights and label names: the
+    `adapter_version` of every row it produced, so that a row traces to the exact files even
+    when a folder is replaced between runs.
+
+    Args:
+        path: the adapter folder.
+
+    Returns:
+        The first 12 hex digits of a SHA-256 over each file of `VERSION_FILES` that exists
+        (its name, its size, its bytes), in that order.
+    """
+    digest = hashlib.sha256()
+    for name in VERSION_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:VERSION_CHARS]
 
 
 def _read_labels(path: Path, adapter_id: str, model: nn.Module) -> dict[int, str] | None:

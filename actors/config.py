@@ -13,6 +13,7 @@ import pyarrow as pa
 TASKS = ("generate", "classify", "embed", "classify-image")
 INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
 ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
+ADAPTER_VERSION = "adapter_version"  # content hash of the adapter files a row ran through
 _CLASSIFY = [("label", pa.string()), ("label_id", pa.int64()), ("scores", pa.list_(pa.float32()))]
 # Each task's own output columns (docs/contract.md "Columns"), between `adapter_id` and `error`.
 TASK_OUTPUTS = {
@@ -122,8 +123,9 @@ def dropped_columns(task: str) -> set[str]:
 
 
 def added_columns(task: str) -> pa.Schema:
-    """The columns every output row gets: `adapter_id`, the task's columns, `error`."""
-    return pa.schema([pa.field(ADAPTER_ID, pa.string()), *TASK_OUTPUTS[task], pa.field(ERROR, pa.string())])
+    """The columns every output row gets: `adapter_id`, `adapter_version`, the task's columns, `error`."""
+    return pa.schema([pa.field(ADAPTER_ID, pa.string()), pa.field(ADAPTER_VERSION, pa.string()), *TASK_OUTPUTS[task],
+                      pa.field(ERROR, pa.string())])
 
 
 def output_schema(task: str, input_schema: pa.Schema) -> pa.Schema:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from actors.batches import from_columns, to_columns
-from actors.config import ADAPTER_ID, ADAPTER_IDS, ERROR, PredictorConfig, added_columns, dropped_columns
+from actors.config import (ADAPTER_ID, ADAPTER_IDS, ADAPTER_VERSION, ERROR, PredictorConfig, added_columns,
+                           dropped_columns)
 from actors.runtime import AdapterRuntime, UnknownAdapterError
 from actors.store import AdapterStore, parse_lora_modules
 from actors.tasks import TASK_CLASSES, Encoded, RowError
@@ -36,6 +37,7 @@ class _Row:
     encoded: Encoded | None = None
     outputs: dict | None = None
     error: str | None = None
+    version: str | None = None  # content hash of the adapter files it ran through
 
     @property
     def adapter_key(self) -> Any:
@@ -175,6 +177,15 @@ class Predictor:
         self._run(rows)
         return self._output(batch, fmt, rows)
 
+    def fail(self, batch: Any, error: str) -> Any:
+        """The output batch of `batch` without running it: every row (each named adapter of a
+        fan-out row) gets `error` and null outputs."""
+        fmt, columns, n = to_columns(batch)
+        rows = self._expand(columns, n)
+        for row in rows:
+            row.error = error
+        return self._output(batch, fmt, rows)
+
     def _check_columns(self, columns: dict) -> None:
         """Raise for a batch this task cannot read."""
         if self.task.input_column not in columns:
@@ -221,10 +232,22 @@ class Predictor:
             self._run_group(group)
 
     def _run_group(self, group: list[_Row]) -> None:
-        """One model call; if it fails, each row alone, so a bad row fails by itself."""
+        """One model call. If it runs out of memory, the group is split in halves and each
+        half runs on its own (a single row that still does not fit fails with `internal`);
+        if it fails otherwise, each row runs alone, so a bad row fails by itself."""
         try:
-            outputs = self._call_model(group)
+            outputs, versions = self._call_model(group)
         except Exception as e:  # noqa: BLE001 - any model failure becomes the rows' `internal` error
+            if is_out_of_memory(e):
+                _free_cached_memory(self.device)
+                if len(group) > 1:
+                    logger.warning("a model call of %d rows ran out of memory; running it in two halves", len(group))
+                    half = len(group) // 2
+                    self._run_group(group[:half])
+                    self._run_group(group[half:])
+                    return
+                group[0].error = f"internal: out of memory on one row alone: {str(e).splitlines()[0]}"
+                return
             _reraise_fatal(e)
             if len(group) > 1:
                 for row in group:
@@ -236,26 +259,29 @@ class Predictor:
             logger.warning("row failed: %s", e)
             group[0].error = f"internal: {type(e).__name__}: {e}"
             return
-        for row, out in zip(group, outputs):
+        for row, out, version in zip(group, outputs, versions):
+            row.version = version
             names = self.runtime.labels_of(row.adapter_key) if row.adapter_key is not None else None
             if names and "label_id" in out:  # the adapter was trained on its own label names
                 out["label"] = names[out["label_id"]]
             row.outputs = out
 
-    def _call_model(self, group: list[_Row]) -> list[dict]:
+    def _call_model(self, group: list[_Row]) -> tuple[list[dict], list[str | None]]:
         """Pin the group's adapters, route each row to its slot and run the task, the rows
         ordered by slot so that each adapter's rows are contiguous (its structured ops then
-        work on slices); the outputs come back in the group's order."""
+        work on slices); the outputs, and each row's adapter version, come back in the
+        group's order."""
         adapters = [r.adapter_key for r in group if r.adapter_key is not None]
         with self.runtime.acquire(adapters) as slots, torch.inference_mode():
             row_slots = [slots.get(r.adapter_key, 0) for r in group]
+            versions = [self.runtime.version_of(s) for s in row_slots]
             order = sorted(range(len(group)), key=row_slots.__getitem__)
             with self.runtime.route([row_slots[i] for i in order]):
                 outputs = self.task.run([group[i].encoded for i in order])
         result: list = [None] * len(group)
         for i, out in zip(order, outputs):
             result[i] = out
-        return result
+        return result, versions
 
     def _output(self, batch: Any, fmt: str, rows: list[_Row]) -> Any:
         """The result batch: pass-through columns, adapter_id, outputs and error."""
@@ -264,7 +290,8 @@ class Predictor:
         outputs = {name: [] for name in schema.names}
         for row in rows:
             adapter = row.adapter if row.adapter is None or isinstance(row.adapter, str) else str(row.adapter)
-            values = {**nulls, **(row.outputs or {}), ADAPTER_ID: adapter, ERROR: row.error}
+            values = {**nulls, **(row.outputs or {}), ADAPTER_ID: adapter, ADAPTER_VERSION: row.version,
+                      ERROR: row.error}
             for name in schema.names:
                 outputs[name].append(values[name])
         return from_columns(batch, fmt, [r.source for r in rows], dropped_columns(self.task.name), outputs, schema)
@@ -302,10 +329,21 @@ def _groups(rows: list, capacity: int, max_rows: int) -> list[list]:
     return groups
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU
+    allocator's RuntimeError."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def _free_cached_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back before a smaller retry."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _reraise_fatal(error: Exception) -> None:
-    """Out-of-memory and device failures end the actor: they are not a row's problem."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        raise error
+    """Device failures end the actor: they are not a row's problem."""
     if isinstance(error, RuntimeError) and ("CUDA error" in str(error) or "device-side" in str(error)):
         raise error
 

@@ -68,6 +68,7 @@ class AdapterRuntime:
         self._virtual_lengths: dict[str, int] = {}  # adapter id -> positions its tokens or prefix take
         self._head_names: dict[str, frozenset[str]] = {}  # adapter id -> the modules it saves whole
         self._labels: dict[str, dict[int, str]] = {}  # adapter id -> its own label names, if it has some
+        self._versions: dict[int, str | None] = {}  # slot -> content hash of the adapter loaded there
         self._validate_and_prepare()
 
     @property
@@ -173,6 +174,7 @@ class AdapterRuntime:
             self._free.append(slot)
             raise
         self._loaded[weights.adapter_id] = slot
+        self._versions[slot] = weights.version
 
     def _clear(self, slot: int) -> None:
         """Zero `slot` in every routed module and drop its head copies."""
@@ -182,6 +184,12 @@ class AdapterRuntime:
             head.assign(slot, None)
         self._virtual.pop(slot, None)
         self._prefix.pop(slot, None)
+        self._versions.pop(slot, None)
+
+    def version_of(self, slot: int) -> str | None:
+        """The content hash of the adapter in `slot` (None for slot 0, the base model): read
+        while the slot is pinned, it names the files the call's rows ran through."""
+        return self._versions.get(slot)
 
     def _head_copy(self, name: str, state: dict | None) -> nn.Module | None:
         """A copy of base head `name` as the base model had it (no other adapter's routed

@@ -38,6 +38,8 @@ class JobConfig:
         input, output: Parquet file/folder (local or any pyarrow URI) and output folder.
         batch_size: rows per actor call; concurrency: actors; num_cpus/num_gpus: per actor;
         num_threads: torch threads per actor (default: num_cpus rounded down, at least 1).
+        checkpoint_dir, id_column: resume a job that died (pipeline/resume.py): where its state
+            is kept, and the input column with a unique id per row.
         overwrite: replace the output folder's files instead of refusing a non-empty one.
         quick_adapter_check: check adapters on the driver from their safetensors headers only
             (the actors still read and check every value).
@@ -61,6 +63,8 @@ class JobConfig:
     text_column: str | None = None
     image_column: str | None = None
     adapter_column: str | None = None
+    checkpoint_dir: str | None = None
+    id_column: str | None = None
     overwrite: bool = False
     quick_adapter_check: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: image)")
     p.add_argument("--adapter-column", help="the input column naming each row's adapter: a string column as "
                    "adapter_id, a list column as adapter_ids (e.g. model, as Ray Data LLM names it)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output")
+    p.add_argument("--checkpoint-dir", help="folder (local on one machine, s3:// or a shared mount on a cluster) "
+                   "where the job records what it has written: rerun the same command after a crash and it writes "
+                   "only the rest; needs --id-column")
+    p.add_argument("--id-column", help="input column with a unique id per row (integers or strings), by which "
+                   "--checkpoint-dir resumes")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace files in a non-empty output "
+                   "(and start over instead of resuming from --checkpoint-dir)")
     p.add_argument("--quick-adapter-check", action="store_true", default=None,
                    help="check adapters up front from their safetensors headers only, not every value (NaN/inf); "
                         "the actors still check values when they load them")

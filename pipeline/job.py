@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -15,9 +16,10 @@ from pipeline.config import JobConfig
 from pipeline.read import InputFiles, block_rows, open_input, read_input
 from pipeline.validate import column_renames, renamed, validate_adapters, validate_job
 from pipeline.write import (Output, OutputWriteError, check_output, clear_output, mark_complete, os_error,
-                            publish_files, write_empty, write_output)
+                            publish_files, refuse_non_empty, unpublish_files, write_empty, write_output)
 
 logger = logging.getLogger(__name__)
+VERSIONS_SHOWN = 10  # adapters whose version the summary line names
 BLOCK_ROWS = 1000  # default largest block: an output file is written at least every this many rows
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,11 +37,14 @@ class Summary:
     canary: bool = True  # every actor ran the start-up canary (an actor that failed it stops the job)
     startup_seconds: float | None = None  # until the first output file: Ray, model, adapters, canary, first rows
     steady_rate: float | None = None  # output rows per second after the first output file
+    versions: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> its adapter_version -> rows
+    skipped: int | None = None  # with --checkpoint-dir: output rows an earlier run had written
+    duplicates_dropped: int = 0  # with --checkpoint-dir: rows a replayed write task had staged twice
 
     @property
     def rate(self) -> float:
-        """Output rows per second of wall time (0 before the job has timed itself)."""
-        return self.rows_out / self.seconds if self.seconds else 0.0
+        """Output rows this run wrote per second of wall time (0 before the job has timed itself)."""
+        return (self.rows_out - (self.skipped or 0)) / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
         """The human-readable summary the job prints at the end."""
@@ -50,15 +55,38 @@ class Summary:
             f" (first output after {self.startup_seconds:.1f} s: Ray, model and adapter loading, the canary and the "
             "first batches)")
         steady = "" if self.steady_rate is None else f"; {self.steady_rate:.1f} after the first output"
+        resumed = [] if self.skipped is None else [
+            f"rows skipped as already done: {self.skipped}" + (
+                f" ({self.duplicates_dropped} copies a replayed write task had staged twice were dropped)"
+                if self.duplicates_dropped else "")]
         return [
             f"rows in: {self.rows_in}",
             f"rows out: {self.rows_out}",
+            *resumed,
             f"rows with errors: {sum(self.errors.values())} ({errors})",
             f"rows per adapter: {adapters}",
+            *self._version_lines(),
             f"adapters: {self.adapters} in the store, each checked up front; start-up canary: {canary}",
             f"wall time: {self.seconds:.1f} s{first}",
             f"rows/s: {self.rate:.1f} overall{steady}",
         ]
+
+    def _version_lines(self) -> list[str]:
+        """The adapter_version of each adapter's rows; a line of its own for an adapter whose
+        rows come from several versions (its folder changed mid-run or between a run and its
+        resumption)."""
+        if not self.versions:
+            return []
+        single = [f"{a} {next(iter(v))}" for a, v in sorted(self.versions.items()) if len(v) == 1]
+        shown = ", ".join(single[:VERSIONS_SHOWN]) + (
+            f" and {len(single) - VERSIONS_SHOWN} more" if len(single) > VERSIONS_SHOWN else "")
+        lines = [f"adapter versions: {shown}"] if single else []
+        for adapter, versions in sorted(self.versions.items()):
+            if len(versions) > 1:
+                counts = ", ".join(f"{v} {n} rows" for v, n in sorted(versions.items()))
+                lines.append(f"warning: adapter {adapter}'s rows come from {len(versions)} versions of its files "
+                             f"({counts}): its folder changed during the run or between a run and its resumption")
+        return lines
 
     def as_dict(self) -> dict:
         """The summary as JSON-ready values (written into `_SUCCESS`)."""
@@ -68,73 +96,130 @@ class Summary:
 def run(config: JobConfig) -> Summary:
     """Run the whole job.
 
-    Every up-front check (input, options, model, store, output location, resources) runs
-    before anything is deleted or any model work starts.
+    Every up-front check (input, options, model, store, output location, checkpoint folder,
+    resources) runs before anything is deleted or any model work starts.
 
     Raises:
         ValueError: an up-front problem (one line).
         OutputWriteError: writing or committing the output failed mid-run.
     """
+    from pipeline import resume
+
     input_files = open_input(config.input)
     validate_job(config, input_files)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)
-    output = check_output(config.output, config.overwrite)
+    output = check_output(config.output, config.overwrite or bool(config.checkpoint_dir))
+    renames = column_renames(config, input_files.schema)
+    checkpoint = resume.check_checkpoint(config, input_files, output, renames)
+    if checkpoint is not None and not checkpoint.resumed and not config.overwrite:
+        refuse_non_empty(output)  # a fresh checkpoint folder: the output must be new, as without one
+    rows_in = input_files.rows if config.limit is None else min(config.limit, input_files.rows)
+    if checkpoint is not None and checkpoint.complete:
+        logger.info("output %s is complete already (%s): nothing to do", config.output, output.marker.uri)
+        summary = summarize(config.output, rows_in)
+        summary.skipped = summary.rows_out
+        return summary
     adapter_ids = validate_adapters(config)
     if adapter_ids:
         shown = ", ".join(adapter_ids[:10]) + (f" and {len(adapter_ids) - 10} more" if len(adapter_ids) > 10 else "")
         logger.info("adapter store: %d adapters checked: %s", len(adapter_ids), shown)
     if config.overwrite:
         clear_output(output)
+        if checkpoint is not None:
+            resume.clear(checkpoint)
+    if checkpoint is not None:
+        resume.start(checkpoint)
     started = time.perf_counter()
-    rows_in = input_files.rows if config.limit is None else min(config.limit, input_files.rows)
-    renames = column_renames(config, input_files.schema)
+    progress, run_state = None, _RunState()
     if rows_in == 0:  # Ray Data writes no file for an empty dataset: write the schema ourselves
         schema = output_schema(config.task, renamed(input_files.schema, renames))
         write_empty(output, renamed(schema, _names_back(config, schema)))
-        progress = None
     else:
         from pipeline.progress import Progress
 
         every = 0.0 if sys.stderr.isatty() else config.progress_seconds  # a terminal shows Ray Data's bars
-        with Progress(output.staging, rows_in, every) as progress:
-            _infer_on_ray(config, input_files, output, joined, renames, rows_in)
+        progress = Progress(output.staging, rows_in, every)
+        _infer_on_ray(config, input_files, output, joined, renames, rows_in, checkpoint, progress, run_state)
     ended = time.time()
+    if checkpoint is not None:
+        run_state.dropped = resume.reconcile(config, checkpoint, output)
     publish_files(output)
     summary = summarize(config.output, rows_in)
     summary.seconds = time.perf_counter() - started
     summary.adapters, summary.canary = len(adapter_ids), config.options.get("canary", True)
+    if checkpoint is not None:
+        summary.skipped, summary.duplicates_dropped = run_state.skipped, run_state.dropped
     if progress is not None:
         summary.startup_seconds, summary.steady_rate = progress.split(ended)
     mark_complete(output, summary.as_dict())
+    if checkpoint is not None:
+        resume.finish(checkpoint)
     return summary
 
 
+@dataclass
+class _RunState:
+    """What a resumed run found and did."""
+
+    skipped: int = 0  # output rows an earlier run had staged
+    dropped: int = 0  # copies of rows a replayed write task had staged twice
+
+
 def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool,
-                  renames: dict[str, str], rows: int) -> None:
+                  renames: dict[str, str], rows: int, checkpoint, progress, state: _RunState) -> None:
     """read -> infer -> write (into the output's staging folder) on Ray Data; the input column
-    named by `--prompt-column` (or the text or image one) keeps its name in the output."""
+    named by `--prompt-column` (or the text or image one) keeps its name in the output. With a
+    checkpoint, the rows an earlier run wrote are skipped and each write task commits its ids."""
+    import ray
+
+    from pipeline import resume
+
     init_ray()
     if joined:
-        import ray
-
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
-    per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency, max(config.batch_size, BLOCK_ROWS))
-    dataset = read_input(config.input, per_block, renames=renames, limit=config.limit)
-    from pipeline.infer import infer
-
-    results = infer(dataset, config)
-    back = _names_back(config, output_schema(config.task, renamed(input_files.schema, renames)))
-    if back:
-        results = results.rename_columns(back)
+    context = ray.data.DataContext.get_current()
+    keep = None
+    if checkpoint is not None:
+        unpublished = unpublish_files(output)
+        if unpublished:
+            logger.info("moved %d file(s) an earlier run had published back into staging", unpublished)
+        done = resume.load_done(checkpoint, output)
+        state.skipped = done.rows
+        progress.ignore(done.files)
+        logger.info("resuming: %d output row(s) are written already and are skipped", done.rows)
+        context.checkpoint_config = checkpoint.ray_config()  # each write task commits its ids (two-phase)
+        keep = functools.partial(resume.filter_done, checkpoint=checkpoint, done=done)
+    ledger = None
     try:
-        write_output(results, output)
+        per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency,
+                                                        max(config.batch_size, BLOCK_ROWS))
+        dataset = read_input(config.input, per_block, renames=renames, limit=config.limit, keep=keep)
+        from pipeline.infer import infer, start_ledger
+
+        ledger = start_ledger()
+        results = infer(dataset, config, ledger)
+        back = _names_back(config, output_schema(config.task, renamed(input_files.schema, renames)))
+        if back:
+            results = results.rename_columns(back)
+        with progress:
+            write_output(results, output)
     except Exception as e:
         refused = actor_start_error(e)
-        if refused is None:
-            raise
-        raise ValueError(f"the actors refused to start: {refused}") from None
+        if refused is not None:
+            raise ValueError(f"the actors refused to start: {refused}") from None
+        if ledger is not None and ("ActorDiedError" in type(e).__name__ or "ActorDiedError" in str(e)):
+            killers = ray.get(ledger.killers.remote())
+            if killers:
+                shown = "; ".join(killers[:3]) + (f"; and {len(killers) - 3} more" if len(killers) > 3 else "")
+                raise OutputWriteError(
+                    f"the model actors kept dying (a native crash or an out-of-memory kill) and Ray's retries ran "
+                    f"out; running when they died: {shown}. Remove those rows from the input, or give the actors "
+                    f"more memory, and run again") from None
+        raise
+    finally:
+        context.checkpoint_config = None
 
 
 def _names_back(config: JobConfig, schema) -> dict[str, str]:
@@ -221,14 +306,19 @@ def _progress_bars() -> None:
 
 
 def summarize(output: str, rows_in: int) -> Summary:
-    """Counts read back from the output's `adapter_id` and `error` columns only."""
+    """Counts read back from the output's `adapter_id`, `adapter_version` and `error` columns only."""
     import pyarrow.dataset as pads
 
-    table = pads.dataset(output, format="parquet").to_table(columns=["adapter_id", "error"])
+    table = pads.dataset(output, format="parquet").to_table(columns=["adapter_id", "adapter_version", "error"])
     summary = Summary(rows_in=rows_in, rows_out=table.num_rows)
     kinds = collections.Counter(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e is not None)
     summary.errors = dict(kinds)
-    summary.per_adapter = dict(collections.Counter(a or "(base)" for a in table.column("adapter_id").to_pylist()))
+    adapters = table.column("adapter_id").to_pylist()
+    summary.per_adapter = dict(collections.Counter(a or "(base)" for a in adapters))
+    for adapter, version in zip(adapters, table.column("adapter_version").to_pylist()):
+        if version is not None:
+            per = summary.versions.setdefault(adapter, {})
+            per[version] = per.get(version, 0) + 1
     return summary
 
 

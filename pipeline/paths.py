@@ -43,12 +43,13 @@ class Location:
         return Location(self.uri.rstrip("/") + "/" + name, self.fs, self.path.rstrip("/") + "/" + name)
 
 
-def check_not_overlapping(output: str, protected: dict[str, str | None]) -> None:
+def check_not_overlapping(output: str, protected: dict[str, str | None], flag: str = "--output") -> None:
     """Refuse an output that is, contains or lies inside one of the `protected` locations.
 
     Args:
-        output: the output folder's URI or path.
+        output: the output (or checkpoint) folder's URI or path.
         protected: what each location is ("input", "model folder", ...) -> its URI or path.
+        flag: the flag that named `output`, for the message.
 
     Raises:
         ValueError: one line naming both locations and what to do.
@@ -59,9 +60,11 @@ def check_not_overlapping(output: str, protected: dict[str, str | None]) -> None
             continue
         relation = _relation(out, _key(uri))
         if relation:
-            raise ValueError(f"--output {output!r} {relation} the {what} {uri!r}; the job writes into (and "
-                             "--overwrite empties) its output, so pass an output folder outside the input, the "
-                             "model folder and the adapter store")
+            names = [f"the {k}" for k, v in protected.items() if v]
+            others = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+            kind = "an output folder" if flag == "--output" else "a folder"
+            raise ValueError(f"{flag} {output!r} {relation} the {what} {uri!r}; the job writes into (and "
+                             f"--overwrite empties) that folder, so pass {kind} outside {others}")
 
 
 def _relation(a: tuple[str, str], b: tuple[str, str]) -> str | None:

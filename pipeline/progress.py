@@ -27,8 +27,13 @@ class Progress:
         self.staging, self.rows_in, self.every = staging, rows_in, every
         self.started = time.time()
         self._rows: dict[str, tuple[int, float]] = {}  # file -> (rows, modification time)
+        self._ignored: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def ignore(self, paths: list[str]) -> None:
+        """Leave out files that were there before this run (a resumed job's earlier output)."""
+        self._ignored = set(paths)
 
     def __enter__(self) -> Progress:
         if self.every > 0:
@@ -58,7 +63,8 @@ class Progress:
             logger.debug("progress: cannot list %s: %s", self.staging.path, e)
             return
         for info in infos:
-            if info.type != pafs.FileType.File or not info.path.endswith(".parquet") or info.path in self._rows:
+            if info.type != pafs.FileType.File or not info.path.endswith(".parquet") or info.path in self._rows \
+                    or info.path in self._ignored:
                 continue
             try:
                 with self.staging.fs.open_input_file(info.path) as f:

@@ -69,14 +69,18 @@ def _common_schema(files: list[str], schemas: list[pa.Schema]) -> pa.Schema:
     return schemas[0]
 
 
-def read_input(uri: str, rows_per_block: int, renames: dict[str, str] | None = None, limit: int | None = None):
-    """A Ray Dataset over `uri`: its first `limit` rows if given, columns renamed by `renames`
-    (old -> new), in blocks of `rows_per_block` rows (streamed: Ray Data would merge small
-    files into one block, so one actor would do all the work and the only output file would
-    be written at the very end)."""
+def read_input(uri: str, rows_per_block: int, renames: dict[str, str] | None = None, limit: int | None = None,
+               keep=None):
+    """A Ray Dataset over `uri`: the rows `keep` (a function of the read dataset, if given)
+    keeps, its first `limit` rows if given, columns renamed by `renames` (old -> new), in
+    blocks of `rows_per_block` rows (streamed: Ray Data would merge small files into one
+    block, so one actor would do all the work and the only output file would be written at
+    the very end)."""
     import ray
 
     dataset = ray.data.read_parquet(uri)
+    if keep is not None:
+        dataset = keep(dataset)
     if limit is not None:
         dataset = dataset.limit(limit)
     if renames:

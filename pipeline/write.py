@@ -56,8 +56,9 @@ def check_output(uri: str, overwrite: bool) -> Output:
     """Up-front checks of the output folder; deletes nothing (see `clear_output`).
 
     Refuses a file, a folder that holds anything unless `overwrite` (saying whether it holds
-    a complete or an incomplete earlier run), and a folder that cannot be written: a probe
-    file is created (the folder too, if new) and removed.
+    a complete or an incomplete earlier run; a job that resumes passes True and decides with
+    `refuse_non_empty`), and a folder that cannot be written: a probe file is created (the
+    folder too, if new) and removed.
 
     Raises:
         ValueError: one line naming the output and what to do.
@@ -69,17 +70,17 @@ def check_output(uri: str, overwrite: bool) -> Output:
         if info.type == pafs.FileType.File:
             raise ValueError(f"output {uri!r} is a file; pass a folder")
         if info.type == pafs.FileType.Directory and not overwrite:
-            _refuse_non_empty(output)
+            refuse_non_empty(output)
         _probe(output)
     except OSError as e:
         raise ValueError(f"cannot write to output {uri!r}: {_reason(e)}; pass a writable folder") from e
     return output
 
 
-def _refuse_non_empty(output: Output) -> None:
+def refuse_non_empty(output: Output) -> None:
     """Raise if the folder holds anything, describing what an earlier run left there."""
     fs = output.location.fs
-    entries = fs.get_file_info(pafs.FileSelector(output.location.path))
+    entries = fs.get_file_info(pafs.FileSelector(output.location.path, allow_not_found=True))
     if not entries:
         return
     names = sorted(e.base_name for e in entries)
@@ -149,6 +150,19 @@ def write_empty(output: Output, schema: pa.Schema) -> None:
     output.location.fs.create_dir(output.staging.path, recursive=True)
     with output.location.fs.open_output_stream(path) as stream:
         pq.write_table(schema.empty_table(), stream)
+
+
+def unpublish_files(output: Output) -> int:
+    """Move Parquet files a killed job had already published back into staging (a job that
+    died while publishing resumes from its staging folder); returns how many moved."""
+    fs = output.location.fs
+    moved = 0
+    for info in fs.get_file_info(pafs.FileSelector(output.location.path, allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
+            fs.create_dir(output.staging.path, recursive=True)
+            fs.move(info.path, output.staging.child(info.base_name).path)
+            moved += 1
+    return moved
 
 
 def publish_files(output: Output) -> None:

@@ -44,6 +44,7 @@ def test_renamed_columns_and_a_limit(ray_cluster, llama, tmp_path):
         assert (row["generated_text"], row["num_generated_tokens"], row["finish_reason"]) == expected
 
 
+@pytest.mark.slow  # fan-out through the job: tests/test_job.py, tests/test_resume.py
 def test_a_list_column_is_fan_out(ray_cluster, bert, tmp_path):
     model, store = bert
     table = pa.table({"id": [0, 1], "sentence": SENTENCES[:2],

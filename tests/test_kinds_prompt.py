@@ -155,6 +155,7 @@ def test_prompt_learning_refusals(llama, bert, tmp_path):
         Predictor(model=bert_model, adapters=str(tmp_path / "d"), task="classify")
 
 
+@pytest.mark.slow  # every type through the job: tests/test_every_type.py
 def test_prompt_adapters_through_the_batch_job(ray_cluster, llama_prompts, tmp_path):
     from test_job import _job
 

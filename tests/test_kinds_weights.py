@@ -347,6 +347,7 @@ def test_driver_check_refuses_a_broken_weight_kind_before_any_model_work(llama_w
         validate_store(model, str(tmp_path / "store"), "generate", values=False)
 
 
+@pytest.mark.slow  # every type through the job: tests/test_every_type.py
 def test_batch_job_runs_every_weight_kind_as_the_oracle(ray_cluster, llama_weights, tmp_path):
     """The same store through the Ray Data job (two actors), fan-out rows included."""
     from test_job import _job

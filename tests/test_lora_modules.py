@@ -44,6 +44,7 @@ def test_a_registered_adapter_runs_beside_the_store(llama, elsewhere):
             oracle.generate(model, str(elsewhere), "vera-copy", row["prompt"], 3)
 
 
+@pytest.mark.slow  # the job with --lora-modules is slow; the Predictor tests cover routing
 def test_registered_adapters_through_the_job(ray_cluster, llama, elsewhere, tmp_path):
     model, _ = llama
     pa_table = pa.table({"prompt": SENTENCES[:2], "adapter_id": ["outside", None]})

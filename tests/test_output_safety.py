@@ -146,6 +146,7 @@ def test_rerun_on_a_used_folder_says_what_it_found(workspace, leftover, found):
     assert __import__("re").search(f"is not empty: it holds {found}.*--overwrite", line), line
 
 
+@pytest.mark.slow  # tests/test_faults.py kills a driver in the default run
 def test_killed_driver_leaves_an_output_readers_see_as_incomplete(workspace):
     """SIGKILL the job while it writes: no `_SUCCESS`, no readable Parquet file, and the rerun
     names what it found."""
@@ -183,7 +184,7 @@ def test_zero_row_input_writes_an_empty_output_with_the_schema(workspace):
     written = pads.dataset(str(ws / "out"), format="parquet")
     assert written.to_table().num_rows == 0
     expected = [("id", pa.int64()), ("prompt", pa.string()), ("score", pa.float32()), ("adapter_id", pa.string()),
-                ("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
+                ("adapter_version", pa.string()), ("generated_text", pa.string()), ("num_input_tokens", pa.int64()),
                 ("num_generated_tokens", pa.int64()), ("finish_reason", pa.string()), ("error", pa.string())]
     assert [(f.name, f.type) for f in written.schema] == expected
     assert json.loads((ws / "out" / "_SUCCESS").read_text())["rows_out"] == 0

@@ -78,6 +78,7 @@ def test_block_rows(rows, min_blocks, largest, expected):
     assert block_rows(rows, min_blocks, largest) == expected
 
 
+@pytest.mark.slow  # tests/test_faults.py waits for files committed block by block
 def test_output_reaches_storage_block_by_block(ray_cluster, llama, tmp_path):
     """40 rows in blocks of 10: four output files, written one after another, so the summary
     has a steady rate after the first one."""
