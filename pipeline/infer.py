@@ -14,8 +14,10 @@ the same, the job ends with one line naming the rows that killed the actors.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -60,6 +62,37 @@ class Ledger:
         return rows or [self._notes[k] for k, n in self._deaths.items() if n]
 
 
+class JobMetrics:
+    """Ray metrics of the batch job's actors (exported with Ray's, e.g. on the Prometheus
+    endpoint, as Serve's are): output rows by adapter and outcome, and seconds per actor
+    batch by adapter. Adapter tags are store adapters, `(base)`, or `unknown` for ids the
+    store lacks, so the input cannot grow the tag values."""
+
+    LATENCY_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
+
+    def __init__(self, task: str, metrics=None) -> None:
+        if metrics is None:
+            from ray.util import metrics
+        self.task = task
+        self.rows = metrics.Counter("switchyard_job_rows", "Output rows of the batch job, by adapter and outcome "
+                                    "(ok, or the error kind).", tag_keys=("task", "adapter", "outcome"))
+        self.latency = metrics.Histogram("switchyard_job_batch_latency_s", "Seconds per actor batch, observed once "
+                                         "for each adapter with rows in it.", boundaries=self.LATENCY_S,
+                                         tag_keys=("task", "adapter"))
+
+    def batch(self, result: pa.Table, seconds: float) -> None:
+        """Count one answered batch."""
+        outcomes = collections.Counter()
+        for adapter, error in zip(result.column("adapter_id").to_pylist(), result.column("error").to_pylist()):
+            kind = error.split(":", 1)[0] if error else "ok"
+            name = "unknown" if kind == "unknown_adapter" and adapter else adapter or "(base)"
+            outcomes[name, kind] += 1
+        for (adapter, outcome), n in outcomes.items():
+            self.rows.inc(n, tags={"task": self.task, "adapter": adapter, "outcome": outcome})
+        for adapter in {a for a, _ in outcomes}:
+            self.latency.observe(seconds, tags={"task": self.task, "adapter": adapter})
+
+
 class JobPredictor(Predictor):
     """The Predictor of the job's actors: reports its restarts to the ledger and isolates
     what was in flight when an actor died (see the module's docstring).
@@ -78,14 +111,17 @@ class JobPredictor(Predictor):
             ray.get(ledger.restarted.remote(self._actor))
             logger.warning("model actor restarted after it died; the rows it was running are retried one by one")
         super().__init__(**kwargs)
+        self._metrics = JobMetrics(self.task.name)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         key = "batch:" + _fingerprint(batch)
         if not self._start(key, f"a batch of {batch.num_rows} rows starting with {self._note(batch)}"):
             result = super().__call__(batch)
         else:
             result = pa.concat_tables([self._isolated(batch.slice(i, 1)) for i in range(batch.num_rows)])
         self._ledger.end.remote(self._actor, key)
+        self._metrics.batch(result, time.perf_counter() - started)
         return result
 
     def _isolated(self, row: pa.Table) -> pa.Table:

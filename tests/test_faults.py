@@ -177,3 +177,31 @@ def test_ledger_counts_deaths_per_actor_not_per_copy():
     ledger.end("a1", "row:y")
     ledger.restarted("a1")  # nothing was in flight: nothing is charged
     assert ledger.start("a1", "row:z", "row z") == 0
+
+
+def test_job_metrics_count_rows_by_adapter_and_outcome():
+    """What the actors export, checked against a batch built here (metrics recorded by stand-ins
+    of ray.util.metrics' classes)."""
+    from pipeline.infer import JobMetrics
+
+    recorded = collections.defaultdict(list)
+
+    class Metric:
+        def __init__(self, name, description, boundaries=None, tag_keys=()):
+            self.name = name
+
+        def inc(self, value=1, tags=None):
+            recorded[self.name].append((value, tuple(sorted(tags.items()))))
+
+        def observe(self, value, tags=None):
+            recorded[self.name].append((value, tuple(sorted(tags.items()))))
+
+    metrics = type("Metrics", (), {"Counter": Metric, "Histogram": Metric})
+    result = pa.table({"adapter_id": ["a", "a", None, "typo", "a", ""],
+                       "error": [None, "too_long: x", None, "unknown_adapter: y", None, None]})
+    JobMetrics("classify", metrics).batch(result, 0.25)
+    rows = {dict(tags)["adapter"] + "/" + dict(tags)["outcome"]: n for n, tags in recorded["switchyard_job_rows"]}
+    assert rows == {"a/ok": 2, "a/too_long": 1, "(base)/ok": 2, "unknown/unknown_adapter": 1}
+    assert sorted(dict(tags)["adapter"] for _, tags in recorded["switchyard_job_batch_latency_s"]) == \
+        ["(base)", "a", "unknown"]
+    assert {n for n, _ in recorded["switchyard_job_batch_latency_s"]} == {0.25}

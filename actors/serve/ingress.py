@@ -21,6 +21,7 @@ No `from __future__ import annotations` in this module: it is the FastAPI ingres
 FastAPI resolves route annotations at run time (docs/pitfalls.md: with it, every POST got 422).
 """
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -52,6 +53,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     code = "not_found" if exc.status_code == 404 else "http_error"
     message = f"{request.method} {request.url.path}: {exc.detail}"
     return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code)
+
+
+RESTART_PROBE_TIMEOUT_S = 5.0  # how long one probe of a restarting model replica may wait
+RESTART_PROBE_INTERVAL_S = 0.5
 
 
 # Defined above the deployment class: defined below it, it was missing in the replica (a NameError
@@ -98,6 +103,7 @@ class SwitchyardIngress:
         self.task = task
         self.options = ServeOptions(**options)
         self.metrics = ServeMetrics()
+        self._restart: asyncio.Task | None = None  # one replica died: waits until a model replica answers again
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -159,12 +165,31 @@ class SwitchyardIngress:
         return await self._call(endpoint, started, "manage", endpoint, data)
 
     async def _call(self, endpoint: str | None, started: float, method: str, *args: Any) -> JSONResponse:
-        """Call `method` of a model replica; a failed call (not a failed request) gets `model_failure`."""
+        """Call `method` of a model replica; a failed call (not a failed request) gets `model_failure`.
+        While the only model replica restarts after dying, calls get 503 at once instead of
+        waiting for its successor (which may take as long as loading the model)."""
+        if self._restart is not None and not self._restart.done():
+            reply = ApiError(503, "the model replica is restarting after it stopped; retry after Retry-After seconds",
+                             "replica_unavailable").reply()
+            return self._answered(endpoint, reply, started)
         try:
             reply = await getattr(self.model, method).remote(*args)
         except Exception as e:  # noqa: BLE001 - the replica died, the queue is full, or a bug: answered in JSON
+            if isinstance(e, RayActorError) and self.options.num_replicas == 1 and (
+                    self._restart is None or self._restart.done()):
+                self._restart = asyncio.get_running_loop().create_task(self._until_a_replica_answers())
             reply = model_failure(e).reply()
         return self._answered(endpoint, reply, started)
+
+    async def _until_a_replica_answers(self) -> None:
+        """Poll a model replica (its cheap stats) until one answers: Serve's successor is up."""
+        while True:
+            try:
+                await asyncio.wait_for(self.model.stats.remote(), timeout=RESTART_PROBE_TIMEOUT_S)
+                logger.info("a model replica answers again")
+                return
+            except Exception:  # noqa: BLE001 - not up yet (dead, starting, or still queued)
+                await asyncio.sleep(RESTART_PROBE_INTERVAL_S)
 
     def _answered(self, endpoint: str | None, reply: Reply, started: float) -> JSONResponse:
         """Count the answer (inference and adapter endpoints only) and render it."""
