@@ -174,23 +174,14 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
     checkpoint, the rows an earlier run wrote are skipped and each write task commits its ids."""
     import ray
 
-    from pipeline import resume
-
     init_ray()
     if joined:
         check_resources(config, ray.cluster_resources().get("CPU", 0.0), strict=False)
     context = ray.data.DataContext.get_current()
     keep = None
     if checkpoint is not None:
-        unpublished = unpublish_files(output)
-        if unpublished:
-            logger.info("moved %d file(s) an earlier run had published back into staging", unpublished)
-        done = resume.load_done(checkpoint, output)
-        state.skipped = done.rows
-        progress.ignore(done.files)
-        logger.info("resuming: %d output row(s) are written already and are skipped", done.rows)
+        keep = _skip_done(checkpoint, output, progress, state)
         context.checkpoint_config = checkpoint.ray_config()  # each write task commits its ids (two-phase)
-        keep = functools.partial(resume.filter_done, checkpoint=checkpoint, done=done)
     ledger = None
     try:
         per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency,
@@ -206,20 +197,42 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
         with progress:
             write_output(results, output)
     except Exception as e:
-        refused = actor_start_error(e)
-        if refused is not None:
-            raise ValueError(f"the actors refused to start: {refused}") from None
-        if ledger is not None and ("ActorDiedError" in type(e).__name__ or "ActorDiedError" in str(e)):
-            killers = ray.get(ledger.killers.remote())
-            if killers:
-                shown = "; ".join(killers[:3]) + (f"; and {len(killers) - 3} more" if len(killers) > 3 else "")
-                raise OutputWriteError(
-                    f"the model actors kept dying (a native crash or an out-of-memory kill) and Ray's retries ran "
-                    f"out; running when they died: {shown}. Remove those rows from the input, or give the actors "
-                    f"more memory, and run again") from None
+        _raise_in_one_line(e, ledger)
         raise
     finally:
         context.checkpoint_config = None
+
+
+def _skip_done(checkpoint, output: Output, progress, state: _RunState):
+    """Recover what an earlier run staged and return the read-stage filter that skips it."""
+    from pipeline import resume
+
+    unpublished = unpublish_files(output)
+    if unpublished:
+        logger.info("moved %d file(s) an earlier run had published back into staging", unpublished)
+    done = resume.load_done(checkpoint, output)
+    state.skipped = done.rows
+    progress.ignore(done.files)
+    logger.info("resuming: %d output row(s) are written already and are skipped", done.rows)
+    return functools.partial(resume.filter_done, checkpoint=checkpoint, done=done)
+
+
+def _raise_in_one_line(error: Exception, ledger) -> None:
+    """Turn what the actors died of into one line: their start-up refusal (ValueError), or
+    the rows that were running when retries ran out (OutputWriteError); else return."""
+    refused = actor_start_error(error)
+    if refused is not None:
+        raise ValueError(f"the actors refused to start: {refused}") from None
+    if ledger is None or "ActorDiedError" not in type(error).__name__ + str(error):
+        return
+    import ray
+
+    killers = ray.get(ledger.killers.remote())
+    if killers:
+        shown = "; ".join(killers[:3]) + (f"; and {len(killers) - 3} more" if len(killers) > 3 else "")
+        raise OutputWriteError(f"the model actors kept dying (a native crash or an out-of-memory kill) and Ray's "
+                               f"retries ran out; running when they died: {shown}. Remove those rows from the input, "
+                               "or give the actors more memory, and run again") from None
 
 
 def _names_back(config: JobConfig, schema) -> dict[str, str]:

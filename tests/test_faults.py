@@ -205,3 +205,27 @@ def test_job_metrics_count_rows_by_adapter_and_outcome():
     assert sorted(dict(tags)["adapter"] for _, tags in recorded["switchyard_job_batch_latency_s"]) == \
         ["(base)", "a", "unknown"]
     assert {n for n, _ in recorded["switchyard_job_batch_latency_s"]} == {0.25}
+
+
+@pytest.mark.slow
+def test_job_metrics_reach_rays_prometheus_endpoint(ray_cluster, bert, tmp_path):
+    import urllib.request
+
+    from pipeline.config import config_from_args
+    from pipeline.job import run
+
+    model, store = bert
+    _write_input(tmp_path / "in.parquet", rows=40)
+    run(config_from_args(["--model", model, "--adapters", store, "--task", "classify", "--input",
+                          str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--num-cpus", "0.5"]))
+    port = ray_cluster.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        rows = [line for line in text.splitlines() if line.startswith("ray_switchyard_job_rows") and
+                'adapter="vera"' in line and 'outcome="ok"' in line]
+        if rows:
+            break
+        assert time.monotonic() < deadline, "no switchyard_job_rows for adapter vera on Ray's metrics endpoint"
+        time.sleep(2)
+    assert float(rows[0].rsplit(" ", 1)[1]) >= 8  # 8 of the 40 rows name vera (other jobs may add more)
