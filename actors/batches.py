@@ -52,10 +52,20 @@ def from_columns(batch: Any, fmt: str, take: list[int], drop: set[str], outputs:
         for name, array in arrays.items():
             frame[name] = array.to_pandas(types_mapper=_pandas_type)
         return frame
-    out = {c: np.asarray(v)[take] if len(take) else np.asarray(v)[:0] for c, v in batch.items()
+    out = {c: _array(v)[take] if len(take) else _array(v)[:0] for c, v in batch.items()
            if c not in drop and c not in arrays}
     out.update({name: _numpy(array) for name, array in arrays.items()})
     return out
+
+
+def _array(values: Any) -> np.ndarray:
+    """A pass-through column as numpy: ragged cells (lists of chat turns) as an object array."""
+    try:
+        return np.asarray(values)
+    except ValueError:
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+        return array
 
 
 def _is_pandas(batch: Any) -> bool:

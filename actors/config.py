@@ -12,6 +12,9 @@ import pyarrow as pa
 
 TASKS = ("generate", "classify", "embed", "classify-image")
 INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
+MESSAGES = "messages"  # generate's other input column: chat turns ({role, content}), rendered by the chat template
+NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, so chat turns cannot be rendered: send a prompt, or "
+                    "save the tokenizer with a chat_template")
 ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
 ADAPTER_VERSION = "adapter_version"  # content hash of the adapter files a row ran through
 _CLASSIFY = [("label", pa.string()), ("label_id", pa.int64()), ("scores", pa.list_(pa.float32()))]

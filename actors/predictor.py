@@ -188,9 +188,7 @@ class Predictor:
 
     def _check_columns(self, columns: dict) -> None:
         """Raise for a batch this task cannot read."""
-        if self.task.input_column not in columns:
-            raise ValueError(f"batch has no {self.task.input_column!r} column, which task {self.task.name!r} reads "
-                             f"(columns: {sorted(columns)})")
+        self.task.column_of(columns)
         if ADAPTER_ID in columns and ADAPTER_IDS in columns:
             raise ValueError(f"batch has both {ADAPTER_ID!r} and {ADAPTER_IDS!r}; use one of them")
 
@@ -204,7 +202,7 @@ class Predictor:
 
     def _encode(self, rows: list[_Row], columns: dict) -> None:
         """Check adapters and encode inputs; problems go to the row's error."""
-        values = columns[self.task.input_column]
+        values = columns[self.task.column_of(columns)]
         params = {p: columns[p] for p in self.task.row_parameters if p in columns}
         for row in rows:
             try:

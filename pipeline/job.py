@@ -201,6 +201,8 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
         raise
     finally:
         context.checkpoint_config = None
+        if ledger is not None:  # a driver that runs several jobs (tests, notebooks) keeps no stale ledgers
+            ray.kill(ledger)
 
 
 def _skip_done(checkpoint, output: Output, progress, state: _RunState):

@@ -86,11 +86,10 @@ class Checkpoint:
 @dataclass
 class Done:
     """The output rows an earlier run of the job staged: sorted ids (one per row) and, aligned
-    with them, each row's adapter and adapter version."""
+    with them, each row's adapter; and the staged files they were read from."""
 
     ids: np.ndarray
     adapters: list
-    versions: list
     files: list[str] = field(default_factory=list)
 
     @property
@@ -130,8 +129,9 @@ def check_checkpoint(config: JobConfig, input_files: InputFiles, output: Output,
         raise ValueError(f"--id-column {name!r} is {kind}; it must hold integers or strings")
     adapter_column = next((old for old, new in renames.items() if new in ("adapter_id", "adapter_ids")), None)
     adapter_column = adapter_column or next((c for c in ("adapter_id", "adapter_ids") if c in schema.names), None)
-    fan_out = adapter_column is not None and pa.types.is_list(schema.field(adapter_column).type) \
-        or adapter_column is not None and pa.types.is_large_list(schema.field(adapter_column).type)
+    kind_of_adapters = schema.field(adapter_column).type if adapter_column else None
+    fan_out = kind_of_adapters is not None and (pa.types.is_list(kind_of_adapters) or
+                                                pa.types.is_large_list(kind_of_adapters))
     carried = name not in (adapter_column, "image" if config.task == "classify-image" else None)
     if not carried:
         raise ValueError(f"--id-column {name!r} does not pass through to the output; name a column of its own")
@@ -221,9 +221,9 @@ def clear(checkpoint: Checkpoint) -> None:
     """Forget an earlier run (`--overwrite`): remove only what the job writes there."""
     fs = checkpoint.location.fs
     fs.delete_dir_contents(checkpoint.ray_location.path, missing_dir_ok=True)
-    for name in (MANIFEST,):
-        if fs.get_file_info(checkpoint.location.child(name).path).type == pafs.FileType.File:
-            fs.delete_file(checkpoint.location.child(name).path)
+    manifest = checkpoint.location.child(MANIFEST).path
+    if fs.get_file_info(manifest).type == pafs.FileType.File:
+        fs.delete_file(manifest)
 
 
 def finish(checkpoint: Checkpoint) -> None:
@@ -236,7 +236,7 @@ def finish(checkpoint: Checkpoint) -> None:
 
 def load_done(checkpoint: Checkpoint, output: Output) -> Done:
     """Delete what uncommitted write tasks of an earlier run staged (Ray Data's recovery),
-    then read the rows the committed ones wrote: (id, adapter_id, adapter_version)."""
+    then read the rows the committed ones wrote: (id, adapter_id)."""
     if checkpoint.resumed:
         import ray
         from ray.data.checkpoint.checkpoint_filter import IdColumnCheckpointManager
@@ -246,13 +246,13 @@ def load_done(checkpoint: Checkpoint, output: Output) -> Done:
         if checkpoint.location.fs.get_file_info(checkpoint.ray_location.path).type == pafs.FileType.Directory:
             manager.load_checkpoint(output.staging.uri, output.location.fs)
     files = staged_files(output)
-    columns = [checkpoint.id_column, "adapter_id", "adapter_version"]
+    columns = [checkpoint.id_column, "adapter_id"]
     tables = [_read_columns(output, f, columns) for f in files]
     table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
     ids = _numpy_ids(table.column(checkpoint.id_column))
     order = np.argsort(ids, kind="stable")
-    adapters, versions = table.column("adapter_id").to_pylist(), table.column("adapter_version").to_pylist()
-    return Done(ids[order], [adapters[i] for i in order], [versions[i] for i in order], files)
+    adapters = table.column("adapter_id").to_pylist()
+    return Done(ids[order], [adapters[i] for i in order], files)
 
 
 def staged_files(output: Output) -> list[str]:
@@ -263,10 +263,7 @@ def staged_files(output: Output) -> list[str]:
 
 def _read_columns(output: Output, path: str, columns: list[str]) -> pa.Table:
     with output.location.fs.open_input_file(path) as handle:
-        table = pq.read_table(handle, columns=[c for c in columns if c in pq.read_schema(handle).names])
-    for name in columns:  # an output written before adapter_version existed
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+        table = pq.read_table(handle, columns=columns)
     return table.select(columns)
 
 
@@ -274,13 +271,6 @@ def _numpy_ids(column) -> np.ndarray:
     """Ids as a numpy array that sorts and compares by value (strings as unicode)."""
     values = column.to_numpy(zero_copy_only=False) if len(column) else np.array([], dtype=np.int64)
     return values.astype(str) if values.dtype == object else values
-
-
-def stale_versions(done: Done, current: dict[str, str]) -> dict[str, int]:
-    """Rows already written by another version of an adapter than the store holds now."""
-    stale = collections.Counter(a for a, v in zip(done.adapters, done.versions)
-                                if a and a in current and v is not None and v != current[a])
-    return dict(stale)
 
 
 def filter_done(dataset, *, checkpoint: Checkpoint, done: Done):

@@ -3,19 +3,24 @@ ValueError with one line that says what is wrong and what to do."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
 
-from actors.config import INPUT_COLUMNS, PredictorConfig
+from actors.config import INPUT_COLUMNS, MESSAGES, NO_CHAT_TEMPLATE, PredictorConfig
 from actors.store import AdapterStore, parse_lora_modules
 from pipeline.config import JobConfig, column_flag
 from pipeline.paths import check_not_overlapping
 from pipeline.read import InputFiles
 
 
-def required_columns(task: str) -> list[str]:
-    """The columns the task reads (besides the optional adapter columns)."""
+def required_columns(task: str, schema: pa.Schema | None = None) -> list[str]:
+    """The columns the task reads (besides the optional adapter columns): generate reads
+    `messages` (chat turns) instead of `prompt` when the input has no prompt column."""
+    if task == "generate" and schema is not None and MESSAGES in schema.names and INPUT_COLUMNS[task] not in \
+            schema.names:
+        return [MESSAGES]
     return [INPUT_COLUMNS[task]]
 
 
@@ -31,8 +36,11 @@ def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
     adapter_ids = AdapterStore(config.adapters, lora_modules(config)).ids()
     renames = column_renames(config, input_files.schema)
     validate_columns(config.task, renamed(input_files.schema, renames))
+    reads = required_columns(config.task, renamed(input_files.schema, renames))
+    if reads == [MESSAGES]:
+        check_chat_template(config.model)
     for path, schema in zip(input_files.files, input_files.file_schemas):
-        missing = [c for c in required_columns(config.task) if c not in renamed(schema, renames).names]
+        missing = [c for c in reads if c not in renamed(schema, renames).names]
         if missing:
             raise ValueError(f"input file {path!r} has no {missing[0]!r} column, which task {config.task!r} reads")
     check_not_overlapping(config.output, {"input": config.input, "model folder": config.model,
@@ -114,10 +122,27 @@ def renamed(schema: pa.Schema, renames: dict[str, str]) -> pa.Schema:
     return pa.schema([field.with_name(renames.get(field.name, field.name)) for field in schema])
 
 
+def check_chat_template(model: str) -> None:
+    """A `messages` input needs the tokenizer's chat template (in tokenizer_config.json or a
+    chat_template file beside it)."""
+    folder = Path(model)
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        settings = {}
+    if not settings.get("chat_template"):
+        raise ValueError(f"input has a {MESSAGES!r} column but model folder {model!r}: {NO_CHAT_TEMPLATE}")
+
+
 def validate_columns(task: str, schema: pa.Schema) -> None:
     """The input has the task's columns and at most one adapter column of the right type."""
     names = set(schema.names)
-    missing = [c for c in required_columns(task) if c not in names]
+    if task == "generate" and {INPUT_COLUMNS[task], MESSAGES} <= names:
+        raise ValueError(f"input has both {INPUT_COLUMNS[task]!r} and {MESSAGES!r} columns; task 'generate' reads one "
+                         "of them: drop the other")
+    missing = [c for c in required_columns(task, schema) if c not in names]
     if missing:
         raise ValueError(f"input has no {', '.join(repr(c) for c in missing)} column, which task {task!r} reads "
                          f"(columns: {', '.join(sorted(names))})")

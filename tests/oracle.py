@@ -40,6 +40,15 @@ def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0
         assert temperature == 0 and repetition_penalty == 1.0, "the prompt-learning oracle is greedy only"
         return _finish(tok, model, greedy_over_forward(model, tok(prompt).input_ids, max_new_tokens))
     enc = tok(prompt, return_tensors="pt")
+    return generate_ids(model_dir, store, adapter, enc.input_ids[0].tolist(), max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, top_k=top_k, repetition_penalty=repetition_penalty)
+
+
+def generate_ids(model_dir, store, adapter, ids: list[int], max_new_tokens, *, temperature=0.0, top_p=1.0, seed=None,
+                 top_k=0, repetition_penalty=1.0):
+    """`generate` on given token ids (e.g. a chat template's, as transformers tokenizes it)."""
+    tok, model = processor(model_dir, "generate"), oracle_model(model_dir, store, adapter, "generate")
+    enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     kwargs = {"do_sample": False, "repetition_penalty": repetition_penalty}
     if temperature > 0:
         torch.manual_seed(seed)
@@ -48,7 +57,7 @@ def generate(model_dir, store, adapter, prompt, max_new_tokens, *, temperature=0
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
                              **kwargs)
-    return _finish(tok, model, out[0, enc.input_ids.shape[1]:].tolist())
+    return _finish(tok, model, out[0, len(ids):].tolist())
 
 
 def greedy_over_forward(model, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -39,9 +39,26 @@ class Task:
 
     name: str
     input_column: str
+    other_input_columns: tuple[str, ...] = ()  # read instead of `input_column` when a batch has one
     auto_class: str
     output_schema: pa.Schema
     row_parameters: tuple[str, ...] = ()
+
+    def column_of(self, columns) -> str:
+        """The input column a batch with these `columns` is read from.
+
+        Raises:
+            ValueError: none of the task's input columns, or more than one.
+        """
+        found = [c for c in (self.input_column, *self.other_input_columns) if c in columns]
+        if len(found) > 1:
+            raise ValueError(f"batch has both {found[0]!r} and {found[1]!r} columns; task {self.name!r} reads one of "
+                             "them")
+        if not found:
+            names = " or ".join(repr(c) for c in (self.input_column, *self.other_input_columns))
+            raise ValueError(f"batch has no {names} column, which task {self.name!r} reads (columns: "
+                             f"{sorted(columns)})")
+        return found[0]
 
     def __init__(self, model, processor, config) -> None:
         self.model = model

@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
-from actors.config import INPUT_COLUMNS, TASK_OUTPUTS
+from actors.config import INPUT_COLUMNS, MESSAGES, NO_CHAT_TEMPLATE, TASK_OUTPUTS
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -60,6 +60,7 @@ class GenerateTask(TextTask):
 
     name = "generate"
     input_column = INPUT_COLUMNS["generate"]
+    other_input_columns = (MESSAGES,)
     auto_class = "AutoModelForCausalLM"
     output_schema = GENERATE_SCHEMA
     row_parameters = ("max_new_tokens", "temperature")
@@ -74,14 +75,39 @@ class GenerateTask(TextTask):
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def encode(self, value: Any, params: dict) -> Encoded:
+        """A prompt (a string), or chat turns (a list of {role, content}: `chat_ids`)."""
         params = _row_parameters(params, self.config)
-        if is_missing(value):
-            raise RowError("empty_input", "prompt is null or empty")
-        if not isinstance(value, str):
-            raise RowError("bad_parameter", f"prompt must be a string, got {type(value).__name__}")
-        ids = self._tokenize(value, params["max_new_tokens"])
+        if isinstance(value, (list, tuple)):
+            ids = self.chat_ids(list(value))
+        else:
+            if is_missing(value):
+                raise RowError("empty_input", "prompt is null or empty")
+            if not isinstance(value, str):
+                raise RowError("bad_parameter", f"prompt must be a string, got {type(value).__name__}")
+            ids = self._tokenize(value, params["max_new_tokens"])
         self._check_length(len(ids), params["max_new_tokens"])
         return Encoded(ids, params)
+
+    def chat_ids(self, messages: list) -> list[int]:
+        """Token ids of chat turns: the tokenizer's chat template with the generation prompt
+        added, tokenized without adding special tokens, so BOS appears once, where the
+        template puts it (what `apply_chat_template(..., tokenize=True)` gives). Never cut by
+        `truncate`: cutting would drop the generation prompt at the end.
+
+        Raises:
+            RowError: no turns (`empty_input`), malformed turns or no chat template
+                (`bad_parameter`).
+        """
+        if not messages:
+            raise RowError("empty_input", "messages is empty")
+        for i, turn in enumerate(messages):
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) \
+                    or not isinstance(turn.get("content"), str):
+                raise RowError("bad_parameter", f"messages[{i}] must have a string role and a string content")
+        if not getattr(self.processor, "chat_template", None):
+            raise RowError("bad_parameter", NO_CHAT_TEMPLATE)
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor(text, add_special_tokens=False)["input_ids"]
 
     def forward(self, rows: list[Encoded]) -> torch.Tensor:
         ids, mask = self.batch(rows)
