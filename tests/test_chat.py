@@ -114,3 +114,71 @@ def test_the_job_refuses_up_front(llama, llama_chat, tmp_path, case, message):
     with pytest.raises(ValueError, match=message):
         run(config_from_args(["--model", model, "--task", "generate", "--input", str(tmp_path / "in.parquet"),
                               "--output", str(tmp_path / "out")]))
+
+
+@pytest.fixture(scope="module")
+def chat_url(ray_cluster, llama_chat):
+    """`/v1/chat/completions` of a generate deployment of the chat-template Llama."""
+    import socket
+
+    from ray import serve
+
+    from actors.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model, store = llama_chat
+    serve.run(build_app({"model": model, "adapters": store, "task": "generate", "num_cpus": 0.25,
+                         "max_new_tokens": 5, "access_log": False}), name="chat", route_prefix="/chat")
+    yield f"http://127.0.0.1:{port}/chat"
+    serve.shutdown()
+
+
+def test_openai_client_chat_completions(chat_url, llama_chat):
+    """Each adapter and the base model, concurrently with a completion (a call of its own)."""
+    import concurrent.futures
+    from pathlib import Path
+
+    import openai
+
+    model, store = llama_chat
+    client = openai.OpenAI(base_url=f"{chat_url}/v1", api_key="unused", max_retries=0)
+    names = [a or Path(model).name for a in ADAPTERS]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        chats = [pool.submit(client.chat.completions.create, model=name, messages=chat, max_tokens=5)
+                 for name, chat in zip(names, CHATS)]
+        completion = pool.submit(client.completions.create, model="lora-qv", prompt="the cat", max_tokens=5)
+        for future, chat, adapter in zip(chats, CHATS, ADAPTERS):
+            answer = future.result()
+            text, generated, reason = oracle.generate_ids(model, store, adapter, _reference_ids(model, chat), 5)
+            assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+            assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (text, reason)
+            assert answer.usage.prompt_tokens == len(_reference_ids(model, chat))
+            assert answer.usage.completion_tokens == generated
+        assert completion.result().choices[0].text == oracle.generate(model, store, "lora-qv", "the cat", 5)[0]
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "invalid_body"),
+    ({"messages": []}, "invalid_body"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "unsupported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "unsupported"),
+])
+def test_chat_bodies_switchyard_cannot_answer_get_400(chat_url, llama_chat, body, code):
+    from pathlib import Path
+
+    import httpx
+
+    response = httpx.post(f"{chat_url}/v1/chat/completions", json={"model": Path(llama_chat[0]).name, **body},
+                          timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+
+
+def test_no_chat_template_is_a_400_naming_it():
+    from actors.config import NO_CHAT_TEMPLATE
+    from actors.serve.api import row_error
+
+    error = row_error([{"error": f"bad_parameter: {NO_CHAT_TEMPLATE}"}], "messages")
+    assert (error.status, error.code) == (400, "bad_parameter") and "has no chat template" in error.message

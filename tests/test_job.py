@@ -72,6 +72,7 @@ def test_generate_job_equals_oracle_with_errors_and_pass_through(ray_cluster, ll
     assert out_schema.field("tags").type == pa.list_(pa.int32())
 
 
+@pytest.mark.slow  # the checkpointed fan-out run of tests/test_resume.py checks the same rows
 def test_fan_out_job_row_counts_and_oracle(ray_cluster, bert, tmp_path):
     model, store = bert
     named = [["head-a", "no-head"], [], None, ["vera"], ["head-b", "head-a", "head-a"], ["missing", "vera"]]
@@ -90,6 +91,7 @@ def test_fan_out_job_row_counts_and_oracle(ray_cluster, bert, tmp_path):
     assert "adapter_ids" not in rows[0]
 
 
+@pytest.mark.slow  # images: tests/test_serve.py and the Predictor tests
 def test_image_job_equals_oracle_with_bad_images(ray_cluster, vit, tmp_path):
     model, store = vit
     images = [png_bytes(1), jpeg_bytes(2, (48, 20)), b"\x89PNG not really", None, png_bytes(5), png_bytes(6)]

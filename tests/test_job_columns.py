@@ -23,6 +23,7 @@ def _write(tmp_path, table: pa.Table) -> str:
     return str(tmp_path / "in.parquet")
 
 
+@pytest.mark.slow  # a whole job; renames are checked up front in the default run
 def test_renamed_columns_and_a_limit(ray_cluster, llama, tmp_path):
     model, store = llama
     n = 7

@@ -186,36 +186,38 @@ def test_scalar_adapter_ids_resume_with_string_ids(ray_cluster, bert, tmp_path):
         oracle.assert_close(row["scores"], oracle.scores(model, store, adapters[i] or None, "classify", SENTENCES[i]))
 
 
-def test_every_row_carries_its_adapter_version(ray_cluster, bert, tmp_path):
+def test_every_row_carries_its_adapter_version(bert, tmp_path):
     """adapter_version is a hash of the adapter's files: equal for rows of one adapter, new
-    when its weights change, null for base rows; the summary lists it."""
+    when its weights change, null for base rows; the summary read back from an output lists
+    it, and warns when one adapter's rows come from two versions."""
+    import safetensors.torch
+
     from actors.adapters import adapter_version
+    from actors.predictor import Predictor
+    from pipeline.job import summarize
 
     model, store = bert
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
-    pq.write_table(pa.table({"id": [0, 1, 2], "text": SENTENCES[:3], "adapter_id": ["head-a", None, "head-a"]}),
-                   tmp_path / "in.parquet")
-    args = ["--model", model, "--adapters", str(copy), "--task", "classify", "--input", str(tmp_path / "in.parquet"),
-            "--concurrency", "1", "--num-cpus", "0.5"]
-    summary = run(config_from_args([*args, "--output", str(tmp_path / "v1")]))
-    rows = sorted(_rows(tmp_path / "v1"), key=lambda r: r["id"])
-    first = rows[0]["adapter_version"]
-    assert rows[1]["adapter_version"] is None and rows[2]["adapter_version"] == first
-    assert len(first) == 12 and summary.versions == {"head-a": {first: 2}}
-    assert any(line == f"adapter versions: head-a {first}" for line in summary.lines())
+    batch = pa.table({"id": [0, 1, 2], "text": SENTENCES[:3], "adapter_id": ["head-a", None, "head-a"]})
+    first_rows = Predictor(model, str(copy), "classify")(batch)
+    first = first_rows.column("adapter_version")[0].as_py()
+    assert first_rows.column("adapter_version").to_pylist() == [first, None, first] and len(first) == 12
+    (tmp_path / "out").mkdir()
+    pq.write_table(first_rows, tmp_path / "out" / "a.parquet")
+    assert summarize(str(tmp_path / "out"), 3).versions == {"head-a": {first: 2}}
+    assert f"adapter versions: head-a {first}" in summarize(str(tmp_path / "out"), 3).lines()
     weights = copy / "head-a" / "adapter_model.safetensors"
-    import safetensors.torch
-
-    from actors.predictor import Predictor
-
     tensors = safetensors.torch.load_file(str(weights))
     name = next(k for k in tensors if "lora_B" in k)
     tensors[name] = tensors[name] + 0.5
     safetensors.torch.save_file(tensors, str(weights))
     second = adapter_version(copy / "head-a")
-    rows = Predictor(model, str(copy), "classify")({"text": ["a"], "adapter_id": ["head-a"]})
-    assert second != first and rows["adapter_version"] == [second]
+    second_rows = Predictor(model, str(copy), "classify")(batch.slice(0, 1))
+    assert second != first and second_rows.column("adapter_version").to_pylist() == [second]
+    pq.write_table(second_rows, tmp_path / "out" / "b.parquet")
+    lines = summarize(str(tmp_path / "out"), 4).lines()
+    assert any(line.startswith("warning: adapter head-a's rows come from 2 versions") for line in lines)
 
 
 @pytest.mark.slow

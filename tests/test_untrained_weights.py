@@ -83,6 +83,7 @@ def test_an_adapter_without_its_own_head_is_refused(headless, tmp_path):
     assert row["error"].startswith("unknown_adapter:")
 
 
+@pytest.mark.slow  # a whole job; the refusal itself is tested on the Predictor above
 def test_the_job_reports_the_refusal_in_one_line(ray_cluster, headless, tmp_path):
     from test_job import _job
 

@@ -20,6 +20,8 @@ import numpy as np
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from actors.config import MESSAGES
+
 MAX_BODY_BYTES = 10 * 1024 * 1024  # docs/contract.md "Security": bodies over 10 MiB get 413
 # Deeper bodies get 400 before parsing: Python's JSON reader recurses once per level, and a body
 # nested 100,000 levels deep escaped it as a RecursionError (a 500). OpenAI's bodies nest < 10.
@@ -111,6 +113,37 @@ class CompletionBody(_Body):
     stream: StrictBool = False
     stream_options: dict | None = None
     suffix: StrictStr | None = None
+    presence_penalty: Number = 0
+    frequency_penalty: Number = 0
+    logit_bias: dict | None = None
+    user: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat turn; content as a string (OpenAI's list-of-parts content is refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: StrictStr = Field(min_length=1)
+    content: StrictStr
+    name: StrictStr | None = None
+
+
+class ChatBody(_Body):
+    """POST /v1/chat/completions. OpenAI fields Switchyard cannot honour are accepted only at
+    their defaults (see `unsupported`)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt = 1
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: dict | None = None
     presence_penalty: Number = 0
     frequency_penalty: Number = 0
     logit_bias: dict | None = None
@@ -251,18 +284,23 @@ class Work:
     inputs: list
     params: dict[str, list] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    column: str | None = None  # the Predictor column its inputs go in (None: the task's own)
 
     @property
     def options_key(self) -> tuple:
-        """Hashable form of `options`: requests with equal keys share one Predictor call."""
-        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options.items()))
+        """Hashable form of `options` and the input column: requests with equal keys share
+        one Predictor call."""
+        options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options.items()))
+        return (self.column, *options)
 
 
-def unsupported(body: CompletionBody) -> list[str]:
-    """The OpenAI completion fields set to values Switchyard does not implement."""
+def unsupported(body: CompletionBody | ChatBody) -> list[str]:
+    """The OpenAI completion and chat fields set to values Switchyard does not implement."""
     problems = {
-        "stream": body.stream, "n": body.n != 1, "best_of": body.best_of not in (None, 1), "echo": body.echo,
-        "logprobs": body.logprobs is not None, "suffix": body.suffix is not None,
+        "stream": body.stream, "n": body.n != 1, "best_of": getattr(body, "best_of", None) not in (None, 1),
+        "echo": getattr(body, "echo", False), "logprobs": body.logprobs not in (None, False),
+        "top_logprobs": getattr(body, "top_logprobs", None) is not None,
+        "suffix": getattr(body, "suffix", None) is not None,
         "presence_penalty": body.presence_penalty != 0, "frequency_penalty": body.frequency_penalty != 0,
         "logit_bias": bool(body.logit_bias), "stream_options": body.stream_options is not None,
     }
@@ -275,22 +313,41 @@ def completion_work(body: CompletionBody, adapter: str | None, defaults: Any) ->
     Raises:
         ApiError: 400 for unsupported fields, an empty prompt list or empty stop strings.
     """
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise ApiError(400, "prompt is an empty list; send at least one prompt", "empty_input")
+    return _generation_work(body, adapter, defaults, prompts, body.max_tokens)
+
+
+def chat_work(body: ChatBody, adapter: str | None, defaults: Any) -> Work:
+    """The one row of a chat request (its turns, rendered by the Predictor's chat template).
+
+    Raises:
+        ApiError: 400 for unsupported fields or empty stop strings.
+    """
+    turns = [m.model_dump(exclude_none=True) for m in body.messages]
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    work = _generation_work(body, adapter, defaults, [turns], limit)
+    work.column = MESSAGES
+    return work
+
+
+def _generation_work(body: CompletionBody | ChatBody, adapter: str | None, defaults: Any, inputs: list,
+                     max_tokens: int | None) -> Work:
+    """Rows with the sampling fields completions and chat share."""
     bad = unsupported(body)
     if bad:
         raise ApiError(400, f"unsupported field(s) {bad}: Switchyard returns one non-streamed choice per prompt, "
                        "without logprobs, penalties or logit_bias; leave them at their defaults", "unsupported")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ApiError(400, "prompt is an empty list; send at least one prompt", "empty_input")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and not all(stop):
         raise ApiError(400, f"stop ({stop!r}) must hold non-empty strings", "bad_parameter")
     wanted = {"top_p": body.top_p, "seed": body.seed, "stop": stop}
     options = {k: v for k, v in wanted.items() if v is not None and v != getattr(defaults, k)}
-    n = len(prompts)
-    params = {"max_new_tokens": [body.max_tokens] * n,
+    n = len(inputs)
+    params = {"max_new_tokens": [max_tokens] * n,
               "temperature": [None if body.temperature is None else float(body.temperature)] * n}
-    return Work(adapter, prompts, params, options)
+    return Work(adapter, inputs, params, options)
 
 
 def text_work(body: EmbeddingBody | ClassifyBody, adapter: str | None) -> Work:
@@ -354,6 +411,19 @@ def completion_response(model: str, rows: list[dict]) -> dict:
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": i, "text": r["generated_text"], "finish_reason": r["finish_reason"], "logprobs": None}
                     for i, r in enumerate(rows)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def chat_response(model: str, rows: list[dict]) -> dict:
+    """OpenAI's chat.completion object (one choice)."""
+    row = rows[0]
+    prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": row["generated_text"]},
+                     "finish_reason": row["finish_reason"], "logprobs": None}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }

@@ -25,7 +25,9 @@ from actors.serve.api import ApiError, Work
 logger = logging.getLogger(__name__)
 RECENT_BATCHES = 32
 REQUEST, ROW = "__request", "__row"  # our own index columns: the Predictor's row order is not promised
-COLUMN_TYPES = {"prompt": pa.string(), "text": pa.string(), "image": pa.binary(), "adapter_id": pa.string(),
+TURN = pa.struct([("role", pa.string()), ("content", pa.string()), ("name", pa.string())])
+COLUMN_TYPES = {"prompt": pa.string(), "text": pa.string(), "image": pa.binary(), "messages": pa.list_(TURN),
+                "adapter_id": pa.string(),
                 "max_new_tokens": pa.int64(), "temperature": pa.float64(), REQUEST: pa.int64(), ROW: pa.int64()}
 
 
@@ -152,11 +154,12 @@ class BatchRunner:
 
     def _table(self, batch: list[Work]) -> pa.Table:
         """The Predictor's input: every request's rows, with our index columns."""
-        columns: dict[str, list] = {self.input_column: [], "adapter_id": [], REQUEST: [], ROW: []}
+        column = batch[0].column or self.input_column  # one per call: the works share their options_key
+        columns: dict[str, list] = {column: [], "adapter_id": [], REQUEST: [], ROW: []}
         columns.update({name: [] for name in batch[0].params})
         for r, work in enumerate(batch):
             n = len(work.inputs)
-            columns[self.input_column] += work.inputs
+            columns[column] += work.inputs
             columns["adapter_id"] += [work.adapter] * n
             columns[REQUEST] += [r] * n
             columns[ROW] += range(n)

@@ -42,7 +42,8 @@ from actors.serve.model import SwitchyardModel
 from actors.serve.options import ServeOptions, options_dict, split_args
 
 logger = logging.getLogger(__name__)
-ENDPOINT_TASKS = {"completions": ("generate",), "embeddings": ("embed",), "classify": ("classify", "classify-image")}
+ENDPOINT_TASKS = {"completions": ("generate",), "chat/completions": ("generate",), "embeddings": ("embed",),
+                  "classify": ("classify", "classify-image")}
 
 app = FastAPI(title="Switchyard", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -119,6 +120,11 @@ class SwitchyardIngress:
     async def completions(self, request: Request) -> JSONResponse:
         """OpenAI completions (task generate)."""
         return await self._infer(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        """OpenAI chat completions (task generate): the turns rendered by the chat template."""
+        return await self._infer(request, "chat/completions")
 
     @app.post("/v1/embeddings")
     async def embeddings(self, request: Request) -> JSONResponse:

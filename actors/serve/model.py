@@ -17,17 +17,18 @@ from typing import Any
 from ray import serve
 
 from actors.serve.api import (
-    ApiError, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, Reply, UnloadAdapterBody, Work,
-    base_model_name, classify_response, completion_response, completion_work, embedding_response, image_work,
-    models_response, parse_body, row_error, text_work,
+    ApiError, ChatBody, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, Reply, UnloadAdapterBody, Work,
+    base_model_name, chat_response, chat_work, classify_response, completion_response, completion_work,
+    embedding_response, image_work, models_response, parse_body, row_error, text_work,
 )
 from actors.serve.batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
 from actors.serve.options import ServeOptions
 from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
-SCHEMAS = {"completions": CompletionBody, "embeddings": EmbeddingBody, "classify": ClassifyBody}
-INPUT_NAMES = {"completions": "prompt", "embeddings": "input", "classify": "input"}
+SCHEMAS = {"completions": CompletionBody, "chat/completions": ChatBody, "embeddings": EmbeddingBody,
+           "classify": ClassifyBody}
+INPUT_NAMES = {"completions": "prompt", "chat/completions": "messages", "embeddings": "input", "classify": "input"}
 
 
 @serve.deployment(name="SwitchyardModel")
@@ -139,6 +140,8 @@ class SwitchyardModel:
         """The request's rows."""
         if endpoint == "completions":
             return completion_work(body, adapter, self.predictor.config)
+        if endpoint == "chat/completions":
+            return chat_work(body, adapter, self.predictor.config)
         if self.task == "classify-image":
             return image_work(body, adapter)
         return text_work(body, adapter)
@@ -147,6 +150,8 @@ class SwitchyardModel:
         """The response body for successful rows."""
         if endpoint == "completions":
             return completion_response(body.model, rows)
+        if endpoint == "chat/completions":
+            return chat_response(body.model, rows)
         if endpoint == "embeddings":
             return embedding_response(body.model, rows, body.encoding_format)
         return classify_response(body.model, rows)
