@@ -131,7 +131,8 @@ def chat_url(ray_cluster, llama_chat):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     model, store = llama_chat
     serve.run(build_app({"model": model, "adapters": store, "task": "generate", "num_cpus": 0.25,
-                         "max_new_tokens": 5, "access_log": False}), name="chat", route_prefix="/chat")
+                         "max_new_tokens": 5, "access_log": False, "served_model_name": ["my-llama", "alias"]}),
+              name="chat", route_prefix="/chat")
     yield f"http://127.0.0.1:{port}/chat"
     serve.shutdown()
 
@@ -145,7 +146,7 @@ def test_openai_client_chat_completions(chat_url, llama_chat):
 
     model, store = llama_chat
     client = openai.OpenAI(base_url=f"{chat_url}/v1", api_key="unused", max_retries=0)
-    names = [a or Path(model).name for a in ADAPTERS]
+    names = [a or "my-llama" for a in ADAPTERS]  # the base by its --served-model-name
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         chats = [pool.submit(client.chat.completions.create, model=name, messages=chat, max_tokens=5)
                  for name, chat in zip(names, CHATS)]
@@ -167,13 +168,25 @@ def test_openai_client_chat_completions(chat_url, llama_chat):
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "unsupported"),
 ])
 def test_chat_bodies_switchyard_cannot_answer_get_400(chat_url, llama_chat, body, code):
+    import httpx
+
+    response = httpx.post(f"{chat_url}/v1/chat/completions", json={"model": "alias", **body}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+
+
+def test_served_model_names_and_health(chat_url, llama_chat):
+    """--served-model-name replaces the folder's name, as in vLLM; /health answers 200."""
     from pathlib import Path
 
     import httpx
 
-    response = httpx.post(f"{chat_url}/v1/chat/completions", json={"model": Path(llama_chat[0]).name, **body},
-                          timeout=60)
-    assert response.status_code == 400 and response.json()["error"]["code"] == code, response.text
+    assert httpx.get(f"{chat_url}/v1/models", timeout=60).json()["data"][0]["id"] == "my-llama"
+    body = {"messages": CHATS[0], "max_tokens": 2}
+    assert httpx.post(f"{chat_url}/v1/chat/completions", json={"model": "alias", **body}, timeout=60).status_code == 200
+    folder = httpx.post(f"{chat_url}/v1/chat/completions", json={"model": Path(llama_chat[0]).name, **body}, timeout=60)
+    assert folder.status_code == 404 and folder.json()["error"]["code"] == "model_not_found"
+    health = httpx.get(f"{chat_url}/health", timeout=60)
+    assert (health.status_code, health.json()) == (200, {})
 
 
 def test_no_chat_template_is_a_400_naming_it():

@@ -186,6 +186,7 @@ def test_replica_killed_mid_request_gets_503_json_and_so_does_the_next_until_its
     retry = httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT)
     _assert_unavailable(retry)
     assert time.monotonic() - started < 2, "a request during the restart waited instead of getting 503"
+    _assert_unavailable(httpx.get(f"{url}/health", timeout=TIMEOUT))
     while retry.status_code == 503:  # what a client does with Retry-After
         assert time.monotonic() - started < 120, "no successor answered within 120 s"
         time.sleep(float(retry.headers["retry-after"]))

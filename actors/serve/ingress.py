@@ -106,6 +106,11 @@ class SwitchyardIngress:
         self.metrics = ServeMetrics()
         self._restart: asyncio.Task | None = None  # one replica died: waits until a model replica answers again
 
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 when a model replica answers; 503 with Retry-After while none does (vLLM's /health)."""
+        return await self._call(None, time.perf_counter(), "health")
+
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
         """The base model and every adapter (OpenAI's list shape)."""

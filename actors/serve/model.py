@@ -47,7 +47,8 @@ class SwitchyardModel:
         self.predictor = Predictor(**predictor_args)
         self.task = self.predictor.config.task
         self.runner = BatchRunner(self.predictor)
-        self.base_name = base_model_name(predictor_args["model"])
+        self.base_names = self.options.served_model_name or [base_model_name(predictor_args["model"])]
+        self.base_name = self.base_names[0]
         self.created = int(time.time())
         self.batch_stats = BatchStats()
         self.metrics = ServeMetrics()
@@ -55,9 +56,8 @@ class SwitchyardModel:
         self.coalescer = Coalescer(self._run_batch, self.options.max_batch_size, self.options.batch_wait_timeout_s)
         self._serve_batch.set_max_batch_size(self.options.max_batch_size)
         self._serve_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
-        if self.base_name in self.predictor.adapter_ids:
-            logger.warning("adapter %r has the base model's name; requests for that name get the base model",
-                           self.base_name)
+        for name in set(self.base_names) & set(self.predictor.adapter_ids):
+            logger.warning("adapter %r has the base model's name; requests for that name get the base model", name)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose model call failed fatally is restarted."""
@@ -71,6 +71,14 @@ class SwitchyardModel:
     async def models(self) -> Reply:
         """GET /v1/models: the base model and every adapter (OpenAI's list shape)."""
         return Reply(200, models_response(self.base_name, self.predictor.adapter_ids, self.created))
+
+    async def health(self) -> Reply:
+        """GET /health: 200 while this replica can answer, else 503 (what `check_health` sees)."""
+        try:
+            self.check_health()
+        except RuntimeError as e:
+            return ApiError(503, f"the model replica is unhealthy: {e}", "replica_unavailable").reply()
+        return Reply(200, {})
 
     async def stats(self) -> Reply:
         """GET /v1/stats: this replica's batching counters (cheap; for tests and dashboards)."""
@@ -129,7 +137,7 @@ class SwitchyardModel:
         Raises:
             ApiError: 404 for a name that is neither the base model nor an adapter.
         """
-        if model == self.base_name:
+        if model in self.base_names:
             return None
         if self.predictor.knows(model):
             return model

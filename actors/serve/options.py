@@ -50,6 +50,9 @@ class ServeOptions:
     enable_adapter_management: bool = field(default=False, metadata={
         "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter."})
     access_log: bool = field(default=False, metadata={"help": "Serve's one log line per request."})
+    served_model_name: list[str] | None = field(default=None, metadata={"help": (
+        "the name(s) requests give as `model` for the base model, as vLLM's --served-model-name (default: the "
+        "model folder's name); GET /v1/models lists the first.")})
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests is None:
@@ -66,6 +69,9 @@ class ServeOptions:
         require(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
                f"max_queued_requests ({self.max_queued_requests!r}) must be -1 (no limit) or >= 1")
         require(self.max_pending_rows >= 1, f"max_pending_rows ({self.max_pending_rows!r}) must be >= 1")
+        require(self.served_model_name is None or (bool(self.served_model_name) and all(
+            isinstance(n, str) and n for n in self.served_model_name)),
+            f"served_model_name ({self.served_model_name!r}) must hold non-empty names")
 
     def predictor_threads(self) -> int | None:
         """Torch threads of a CPU replica: its whole CPUs, at least 1 (None with a GPU)."""
