@@ -18,6 +18,7 @@ import collections
 import hashlib
 import logging
 import time
+import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -107,7 +108,10 @@ class JobPredictor(Predictor):
 
         context = ray.get_runtime_context()
         self._ledger, self._actor = ledger, context.get_actor_id()
-        if context.was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id` (a warning per actor)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = context.was_current_actor_reconstructed
+        if restarted:
             ray.get(ledger.restarted.remote(self._actor))
             logger.warning("model actor restarted after it died; the rows it was running are retried one by one")
         super().__init__(**kwargs)
