@@ -173,14 +173,16 @@ def infer(dataset, config: JobConfig, ledger):
     """Map every batch through a pool of `config.concurrency` Predictor actors."""
     import ray
 
-    return dataset.map_batches(
-        JobPredictor,
-        fn_constructor_kwargs={"ledger": ledger, **config.predictor_kwargs()},
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        num_cpus=config.actor_cpus,
-        num_gpus=config.num_gpus,
-        max_restarts=MAX_RESTARTS,
-        max_task_retries=MAX_TASK_RETRIES,
-    )
+    with warnings.catch_warnings():  # Ray 2.60 names no parameter for the retry bounds; its warning blames us
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(
+            JobPredictor,
+            fn_constructor_kwargs={"ledger": ledger, **config.predictor_kwargs()},
+            compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            num_cpus=config.actor_cpus,
+            num_gpus=config.num_gpus,
+            max_restarts=MAX_RESTARTS,  # passed as ray_remote_args, deprecated for removal in Ray 2.64
+            max_task_retries=MAX_TASK_RETRIES,
+        )
