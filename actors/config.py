@@ -13,6 +13,7 @@ import pyarrow as pa
 TASKS = ("generate", "classify", "embed", "classify-image")
 INPUT_COLUMNS = {"generate": "prompt", "classify": "text", "embed": "text", "classify-image": "image"}
 MESSAGES = "messages"  # generate's other input column: chat turns ({role, content}), rendered by the chat template
+OTHER_INPUT_COLUMNS = {"generate": (MESSAGES,)}  # read instead of INPUT_COLUMNS' when a batch has one
 NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, so chat turns cannot be rendered: send a prompt, or "
                     "save the tokenizer with a chat_template")
 ADAPTER_ID, ADAPTER_IDS, ERROR = "adapter_id", "adapter_ids", "error"
@@ -117,6 +118,12 @@ class PredictorConfig:
     def option_names(cls) -> list[str]:
         """Names of the options (everything but model, adapters and task)."""
         return [f.name for f in fields(cls) if f.name not in ("model", "adapters", "task")]
+
+
+def fan_out_adapters(named) -> list:
+    """The `adapter_id` of each output row of one `adapter_ids` cell: one per named adapter,
+    base rows as None however they are named (null, ""), and a null or empty list one base row."""
+    return [None if a in (None, "") else a for a in (named or ())] or [None]
 
 
 def dropped_columns(task: str) -> set[str]:

@@ -18,7 +18,7 @@ import torch
 
 from actors.batches import from_columns, to_columns
 from actors.config import (ADAPTER_ID, ADAPTER_IDS, ADAPTER_VERSION, ERROR, PredictorConfig, added_columns,
-                           dropped_columns)
+                           dropped_columns, fan_out_adapters)
 from actors.runtime import AdapterRuntime, UnknownAdapterError
 from actors.store import AdapterStore, parse_lora_modules
 from actors.tasks import TASK_CLASSES, Encoded, RowError
@@ -195,8 +195,7 @@ class Predictor:
     def _expand(self, columns: dict, n: int) -> list[_Row]:
         """One _Row per input row, or per named adapter of a fan-out row."""
         if ADAPTER_IDS in columns:
-            return [_Row(i, None if a == "" else a) for i, ids in enumerate(columns[ADAPTER_IDS])
-                    for a in (_named(ids, i) or [None])]  # a fan-out's base rows: adapter_id null, however named
+            return [_Row(i, a) for i, ids in enumerate(columns[ADAPTER_IDS]) for a in fan_out_adapters(_named(ids, i))]
         adapters = columns.get(ADAPTER_ID, [None] * n)
         return [_Row(i, adapters[i]) for i in range(n)]
 

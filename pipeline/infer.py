@@ -111,6 +111,7 @@ class JobPredictor(Predictor):
         with warnings.catch_warnings():  # Ray's property reads its own deprecated `actor_id` (a warning per actor)
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = context.was_current_actor_reconstructed
+        self._restarted = restarted  # only a restarted actor can be handed work that was in flight at a death
         if restarted:
             ray.get(ledger.restarted.remote(self._actor))
             logger.warning("model actor restarted after it died; the rows it was running are retried one by one")
@@ -140,9 +141,13 @@ class JobPredictor(Predictor):
         return result
 
     def _start(self, key: str, note: str) -> int:
+        """Record `key` as in flight; its earlier deaths (waited for only in a restarted actor:
+        Ray reruns a dead actor's tasks on that same actor, so elsewhere the answer is 0 and the
+        batch does not wait for a round trip to the ledger)."""
         import ray
 
-        return ray.get(self._ledger.start.remote(self._actor, key, note))
+        reply = self._ledger.start.remote(self._actor, key, note)
+        return ray.get(reply) if self._restarted else 0
 
     def _note(self, batch: pa.Table) -> str:
         """The first row's input and adapter, for messages."""

@@ -33,6 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from actors.config import fan_out_adapters
 from pipeline.config import JobConfig
 from pipeline.paths import Location, check_not_overlapping
 from pipeline.read import InputFiles
@@ -263,8 +264,7 @@ def staged_files(output: Output) -> list[str]:
 
 def _read_columns(output: Output, path: str, columns: list[str]) -> pa.Table:
     with output.location.fs.open_input_file(path) as handle:
-        table = pq.read_table(handle, columns=columns)
-    return table.select(columns)
+        return pq.read_table(handle, columns=columns)
 
 
 def _numpy_ids(column) -> np.ndarray:
@@ -304,11 +304,6 @@ def _drop_done(batch: pa.Table, id_column: str, adapter_column: str | None, done
     return batch.filter(pa.array(keep))
 
 
-def fan_out_adapters(named) -> list:
-    """The output rows' adapter_id values of one fan-out row (base rows: None)."""
-    return [None if a in (None, "") else a for a in (named or ())] or [None]
-
-
 def remaining(named, written: list) -> list:
     """The adapters of a fan-out row whose rows are not in `written` yet (repeats counted)."""
     todo = collections.Counter(written)
@@ -321,20 +316,16 @@ def remaining(named, written: list) -> list:
     return left
 
 
-def expected_rows(config: JobConfig, checkpoint: Checkpoint) -> pa.Table:
-    """Every output row the job must end with, as (id, adapter, count) for fan-out inputs
-    (adapter null for base rows) or (id, count) with count 1."""
+def expected_rows(config: JobConfig, checkpoint: Checkpoint) -> collections.Counter:
+    """How many times each `_key` must be in the output: once per input id, or for fan-out
+    inputs once per (id, adapter) the row names (base rows: adapter None), repeats counted."""
     columns = [checkpoint.id_column] + ([checkpoint.adapter_column] if checkpoint.fan_out else [])
     table = pads.dataset(config.input, format="parquet").to_table(columns=columns)
-    ids = table.column(checkpoint.id_column)
+    ids = table.column(checkpoint.id_column).to_pylist()
     if not checkpoint.fan_out:
-        return pa.table({"id": ids, "count": pa.repeat(1, len(ids)).cast(pa.int64())})
-    pairs = [(i, a) for i, named in zip(ids.to_pylist(), table.column(checkpoint.adapter_column).to_pylist())
-             for a in fan_out_adapters(named)]
-    counts = collections.Counter(pairs)
-    return pa.table({"id": pa.array([k[0] for k in counts], type=ids.type),
-                     "adapter": pa.array([k[1] for k in counts], type=pa.string()),
-                     "count": pa.array(list(counts.values()), type=pa.int64())})
+        return collections.Counter(_key(i, None, False) for i in ids)
+    return collections.Counter((i, a) for i, named in zip(ids, table.column(checkpoint.adapter_column).to_pylist())
+                               for a in fan_out_adapters(named))
 
 
 def reconcile(config: JobConfig, checkpoint: Checkpoint, output: Output) -> int:
@@ -347,11 +338,7 @@ def reconcile(config: JobConfig, checkpoint: Checkpoint, output: Output) -> int:
         OutputWriteError: expected rows are missing (the output stays unpublished; running the
             same command again writes them).
     """
-    expected = expected_rows(config, checkpoint)
-    wanted = collections.Counter()
-    keys = [checkpoint.id_column] + (["adapter"] if checkpoint.fan_out else [])
-    for row in expected.to_pylist():
-        wanted[_key(row["id"], row.get("adapter"), checkpoint.fan_out)] = row["count"]
+    wanted = expected_rows(config, checkpoint)
     seen: collections.Counter = collections.Counter()
     dropped = 0
     for path in staged_files(output):
@@ -367,8 +354,8 @@ def reconcile(config: JobConfig, checkpoint: Checkpoint, output: Output) -> int:
     missing = [k for k, n in wanted.items() if seen[k] < n]
     if missing:
         shown = missing[0] if checkpoint.fan_out else missing[0][0]
-        raise OutputWriteError(f"{len(missing)} expected output row(s) are missing (e.g. {keys[0]} {shown!r}); the "
-                               f"output was not published: run the same command again to write them")
+        raise OutputWriteError(f"{len(missing)} expected output row(s) are missing (e.g. {checkpoint.id_column} "
+                               f"{shown!r}); the output was not published: run the same command again to write them")
     if dropped:
         logger.warning("dropped %d output row(s) a replayed write task had staged twice", dropped)
     return dropped

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from actors.config import INPUT_COLUMNS, MESSAGES, NO_CHAT_TEMPLATE, PredictorConfig
+from actors.config import INPUT_COLUMNS, MESSAGES, NO_CHAT_TEMPLATE, OTHER_INPUT_COLUMNS, PredictorConfig
 from actors.store import AdapterStore, parse_lora_modules
 from pipeline.config import JobConfig, column_flag
 from pipeline.paths import check_not_overlapping
@@ -16,12 +16,10 @@ from pipeline.read import InputFiles
 
 
 def required_columns(task: str, schema: pa.Schema | None = None) -> list[str]:
-    """The columns the task reads (besides the optional adapter columns): generate reads
-    `messages` (chat turns) instead of `prompt` when the input has no prompt column."""
-    if task == "generate" and schema is not None and MESSAGES in schema.names and INPUT_COLUMNS[task] not in \
-            schema.names:
-        return [MESSAGES]
-    return [INPUT_COLUMNS[task]]
+    """The columns the task reads (besides the optional adapter columns): another input column
+    of the task (generate's `messages`) when the input has it instead of the task's own."""
+    others = [c for c in OTHER_INPUT_COLUMNS.get(task, ()) if schema is not None and c in schema.names]
+    return others[:1] if others and INPUT_COLUMNS[task] not in schema.names else [INPUT_COLUMNS[task]]
 
 
 def validate_job(config: JobConfig, input_files: InputFiles) -> list[str]:
@@ -139,9 +137,10 @@ def check_chat_template(model: str) -> None:
 def validate_columns(task: str, schema: pa.Schema) -> None:
     """The input has the task's columns and at most one adapter column of the right type."""
     names = set(schema.names)
-    if task == "generate" and {INPUT_COLUMNS[task], MESSAGES} <= names:
-        raise ValueError(f"input has both {INPUT_COLUMNS[task]!r} and {MESSAGES!r} columns; task 'generate' reads one "
-                         "of them: drop the other")
+    given = [c for c in (INPUT_COLUMNS[task], *OTHER_INPUT_COLUMNS.get(task, ())) if c in names]
+    if len(given) > 1:
+        raise ValueError(f"input has both {given[0]!r} and {given[1]!r} columns; task {task!r} reads one of them: drop "
+                         "the other")
     missing = [c for c in required_columns(task, schema) if c not in names]
     if missing:
         raise ValueError(f"input has no {', '.join(repr(c) for c in missing)} column, which task {task!r} reads "

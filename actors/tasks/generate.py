@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
-from actors.config import INPUT_COLUMNS, MESSAGES, NO_CHAT_TEMPLATE, TASK_OUTPUTS
+from actors.config import INPUT_COLUMNS, NO_CHAT_TEMPLATE, OTHER_INPUT_COLUMNS, TASK_OUTPUTS
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -60,7 +60,7 @@ class GenerateTask(TextTask):
 
     name = "generate"
     input_column = INPUT_COLUMNS["generate"]
-    other_input_columns = (MESSAGES,)
+    other_input_columns = OTHER_INPUT_COLUMNS["generate"]
     auto_class = "AutoModelForCausalLM"
     output_schema = GENERATE_SCHEMA
     row_parameters = ("max_new_tokens", "temperature")
