@@ -205,18 +205,35 @@ class Predictor:
         params = {p: columns[p] for p in self.task.row_parameters if p in columns}
         for row in rows:
             try:
-                if row.adapter_key is not None and not self.knows(row.adapter_key):
-                    raise RowError("unknown_adapter", f"adapter {row.adapter!r} is not in the adapter store")
-                if row.adapter_key is None and self._base_error:
-                    raise RowError("unknown_adapter", self._base_error)
-                row.encoded = self.task.encode(values[row.source], {p: v[row.source] for p, v in params.items()})
-                if row.adapter_key is not None:
-                    self.task.check_virtual(row.encoded, self.runtime.virtual_length(row.adapter_key))
+                row.encoded = self.encode_row(values[row.source], row.adapter_key,
+                                              {p: v[row.source] for p, v in params.items()}, row.adapter)
             except RowError as e:
                 row.error = str(e)
             except Exception as e:  # noqa: BLE001 - an unexpected encoding failure fails its row only
                 _reraise_fatal(e)
                 row.error = f"internal: {type(e).__name__}: {e}"
+
+    def encode_row(self, value: Any, adapter: str | None, params: dict, named: Any = None) -> Encoded:
+        """One row's model input, checked against its adapter.
+
+        Args:
+            value: the row's input (prompt, chat turns, text or image).
+            adapter: the adapter to route through (None: the base model).
+            params: the row's own parameters (max_new_tokens, temperature).
+            named: the adapter id as the row gave it (for the message; default `adapter`).
+
+        Raises:
+            RowError: an unknown adapter, base rows the model cannot run, or a bad input.
+        """
+        if adapter is not None and not self.knows(adapter):
+            raise RowError("unknown_adapter", f"adapter {named if named is not None else adapter!r} is not in the "
+                           "adapter store")
+        if adapter is None and self._base_error:
+            raise RowError("unknown_adapter", self._base_error)
+        encoded = self.task.encode(value, params)
+        if adapter is not None:
+            self.task.check_virtual(encoded, self.runtime.virtual_length(adapter))
+        return encoded
 
     def knows(self, adapter: Any) -> bool:
         """Whether `adapter` names an adapter rows can use (no copy of the id list)."""

@@ -305,10 +305,32 @@ class AdapterRuntime:
         try:
             yield slots
         finally:
-            with self._lock:
-                for slot in slots.values():
-                    self._pins[slot] -= 1
-                self._lock.notify_all()
+            self.release(slots)
+
+    def try_acquire(self, adapter_ids: list[str]) -> dict[str, int] | None:
+        """Like `acquire`, without waiting: the pinned id -> slot, or None when the slots are
+        pinned by other rows right now. The caller unpins with `release` (the continuous
+        batcher pins one row's adapter for as long as the row decodes).
+
+        Raises:
+            UnknownAdapterError: an adapter that is not published.
+        """
+        wanted = list(dict.fromkeys(adapter_ids))
+        with self._lock:
+            self._check_published(wanted, False)
+            if len(wanted) > self.capacity or not self._can_hold(wanted):
+                return None
+            slots = {a: self._ensure_loaded(a, wanted) for a in wanted}
+            for slot in slots.values():
+                self._pins[slot] = self._pins.get(slot, 0) + 1
+        return slots
+
+    def release(self, slots: dict[str, int]) -> None:
+        """Unpin what `acquire` or `try_acquire` pinned."""
+        with self._lock:
+            for slot in slots.values():
+                self._pins[slot] -= 1
+            self._lock.notify_all()
 
     def _check_published(self, wanted: list[str], include_pending: bool) -> None:
         """Raise UnknownAdapterError for the first adapter of `wanted` no call may use now."""
@@ -341,10 +363,15 @@ class AdapterRuntime:
     @contextlib.contextmanager
     def route(self, slots: list[int]) -> Iterator[None]:
         """Route the next model calls in this thread: row i uses `slots[i]` (0 = base)."""
+        with routing(self.make_route(slots)):
+            yield
+
+    def make_route(self, slots: list[int]) -> Route:
+        """The Route of a call whose row i uses `slots[i]`, with the rows' virtual tokens and
+        prefixes; one Route can serve many calls (its per-row gathers are kept)."""
         device = next(self.model.parameters()).device
         virtual = [self._virtual.get(s) for s in slots]
         prefix = [self._prefix.get(s) for s in slots]
-        with routing(Route(torch.tensor(slots, dtype=torch.long, device=device),
-                           virtual if any(v is not None for v in virtual) else None,
-                           prefix if any(p is not None for p in prefix) else None)):
-            yield
+        return Route(torch.tensor(slots, dtype=torch.long, device=device),
+                     virtual if any(v is not None for v in virtual) else None,
+                     prefix if any(p is not None for p in prefix) else None)

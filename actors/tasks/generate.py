@@ -136,18 +136,18 @@ class GenerateTask(TextTask):
         sequences = self.model.generate(**inputs, generation_config=generation, logits_processor=processors,
                                         stopping_criteria=stopping)
         new = sequences[:, prompt_length:].cpu().tolist()
-        return [self._finish(r, toks[: r.params["max_new_tokens"]]) for r, toks in zip(rows, new)]
+        return [self.finish(r, toks[: r.params["max_new_tokens"]], stop) for r, toks in zip(rows, new)]
 
-    def _finish(self, row: Encoded, tokens: list[int]) -> dict:
-        """Cut a row's new tokens at its first EOS or stop string; count and decode them."""
+    def finish(self, row: Encoded, tokens: list[int], stop: list[str]) -> dict:
+        """Cut a row's new tokens at its first EOS or at the first of `stop`; count and decode them."""
         reason = "length"
         for k, token in enumerate(tokens):
             if token in self.eos_ids:
                 tokens, reason = tokens[: k + 1], "stop"
                 break
         text = self.processor.decode(tokens, skip_special_tokens=True)
-        if any(s in text for s in self.config.stop):
-            tokens, text = _cut_at_stop(tokens, self.config.stop, self.processor)
+        if any(s in text for s in stop):
+            tokens, text = _cut_at_stop(tokens, stop, self.processor)
             reason = "stop"
         return {"generated_text": text, "num_input_tokens": len(row.inputs),
                 "num_generated_tokens": len(tokens), "finish_reason": reason}
@@ -276,17 +276,21 @@ class RowSampler(LogitsProcessor):
             self.generators[row] = torch.Generator(device=device).manual_seed(seed)
         return self.generators[row]
 
+    def draw(self, row: int, input_ids: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
+        """One sampled token of `row` from its scores [1, V] (input_ids [1, T]: its tokens so far)."""
+        scores = scores / temperature
+        if self.top_k is not None:
+            scores = self.top_k(input_ids, scores)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self._generator(row, scores.device))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, temperature in enumerate(self.temperatures):
             if temperature <= 0:
                 continue
-            row = scores[i : i + 1] / temperature  # [1, V]
-            if self.top_k is not None:
-                row = self.top_k(input_ids[i : i + 1], row)
-            if self.top_p is not None:
-                row = self.top_p(input_ids[i : i + 1], row)
-            probs = torch.softmax(row, dim=-1)
-            token = torch.multinomial(probs, num_samples=1, generator=self._generator(i, scores.device))
+            token = self.draw(i, input_ids[i : i + 1], scores[i : i + 1], temperature)
             scores[i] = float("-inf")
             scores[i, token] = 0.0
         return scores
