@@ -51,6 +51,7 @@ class RowRequest:
             logprob only; None: no logprobs).
         stream: report text as it becomes safe to show.
         sink: called in the engine's thread with each report.
+        encoded: the row already encoded (`Predictor.encode_row`), or None.
     """
 
     value: Any
@@ -62,6 +63,7 @@ class RowRequest:
     stop: list[str] | None = None
     logprobs: int | None = None
     stream: bool = False
+    encoded: Encoded | None = None
     cancelled: bool = False  # set by `cancel`: the row leaves the batch at the next step
 
     def cancel(self) -> None:
@@ -83,6 +85,7 @@ class _Live:
     context: list[int]  # what the repetition penalty sees: its prompt ids, then its new tokens
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    done: bool = False  # finished (reported, unpinned); still in the batch's tensors until the next rebuild
     sent: str = ""  # text already streamed
     reported: int = 0  # logprobs already streamed
 
@@ -92,7 +95,7 @@ class DecodeEngine:
 
     Args:
         predictor: the Predictor (its model, adapters, task and defaults).
-        max_rows: most rows decoding at once; more wait for a row to finish.
+        max_rows: most rows decoding at once (`capacity`); more wait for a row to finish.
     """
 
     def __init__(self, predictor: Any, max_rows: int) -> None:
@@ -101,13 +104,19 @@ class DecodeEngine:
         self.predictor = predictor
         self.task = predictor.task
         self.runtime = predictor.runtime
-        self.max_rows = max_rows
+        self.capacity = max_rows
         self.broken: BaseException | None = None  # a fatal model error: the replica must go
-        self.steps = 0
+        self.steps = 0  # decoding steps run
+        self.rows_started = 0  # rows prefilled
+        self.rows_joined = 0  # of them, rows that joined while other rows were decoding
+        self.max_rows = 0  # most rows in one step
+        self.max_adapters = 0  # most distinct adapters (the base model counts) in one step
+        self.rows_cancelled = 0  # rows that left early: their client went away
         self._waiting: deque[RowRequest] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._live: list[_Live] = []
+        self._finished = 0  # live rows that finished (`done`): they leave the batch at the next rebuild
         self._cache: DynamicCache | None = None
         self._mask = self._positions = self._last = None  # [B, T], [B], [B]
         self._route: Route | None = None
@@ -125,7 +134,7 @@ class DecodeEngine:
     @property
     def live_rows(self) -> int:
         """Rows decoding now."""
-        return len(self._live)
+        return len(self._live) - self._finished
 
     def submit(self, request: RowRequest) -> None:
         """Queue a row; it joins the running batch at the next step."""
@@ -146,17 +155,19 @@ class DecodeEngine:
                 try:
                     if new:
                         self._prefill(new)
+                    elif self._finished:
+                        self._rebuild([], None)
                     if self._live:
                         self._decode_one_token()
                 except Exception as e:  # noqa: BLE001 - every live row fails; the loop goes on
-                    self._fail_all(e)
+                    self._fail_all(e, new)
 
     def _admit(self) -> list[_Live]:
         """Waiting rows that fit now, encoded and pinned (waits while there is nothing to do)."""
         with self._wake:
             while not self._waiting and not self._live:
                 self._wake.wait()
-            room = self.max_rows - len(self._live)
+            room = self.capacity - len(self._live) + self._finished
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         admitted, blocked = [], []
         for request in taken:
@@ -177,12 +188,15 @@ class DecodeEngine:
         its adapter cannot get a slot right now."""
         adapter = request.adapter
         try:
-            encoded = self.predictor.encode_row(request.value, adapter, request.params)
+            encoded = request.encoded or self.predictor.encode_row(request.value, adapter, request.params)
             pins = self.runtime.try_acquire([adapter]) if adapter is not None else {}
         except RowError as e:
             return _report_error(request, str(e))
         except UnknownAdapterError:
             return _report_error(request, f"unknown_adapter: adapter {adapter!r} is not in the adapter store")
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter file that no longer loads: this row fails
+            logger.warning("row failed to start: %s", e)
+            return _report_error(request, f"internal: {type(e).__name__}: {e}")
         if pins is None:
             return False
         config = self.predictor.config
@@ -197,6 +211,8 @@ class DecodeEngine:
 
     def _prefill(self, new: list[_Live]) -> None:
         """Run the newcomers' prompts together, pick their first tokens, merge them in."""
+        self.rows_started += len(new)
+        self.rows_joined += len(new) if len(self._live) > self._finished else 0
         route = self.runtime.make_route([r.slot for r in new])
         ids, mask = self.task.batch([r.encoded for r in new])
         with routing(route):
@@ -207,8 +223,8 @@ class DecodeEngine:
             out = self.task.model(**inputs, **{self._cache_arg: cache}, use_cache=True, **self._model_args)
         mask = inputs["attention_mask"]
         tokens = self._choose(new, out.logits[:, -1].float())
-        self._merge(new, _cache_of(out), mask, mask.sum(1), tokens)
         self._advance(new, tokens)
+        self._rebuild(new, (_cache_of(out), mask, mask.sum(1), tokens))
 
     def _decode_one_token(self) -> None:
         """One step: every live row's last token in, its next token out."""
@@ -261,17 +277,16 @@ class DecodeEngine:
 
     def _advance(self, rows: list[_Live], tokens: torch.Tensor) -> None:
         """Append each row's token; report; drop the rows that finished."""
-        finished = []
         for row, token in zip(rows, tokens.tolist()):
             row.tokens.append(token)
             row.context.append(token)
             if self._done(row, token):
-                finished.append(row)
+                row.done = True
+                self._finished += 1
+                self.runtime.release(row.pins)
                 self._finish(row)
             elif row.request.stream:
                 self._stream(row)
-        if finished:
-            self._drop(finished)
 
     def _done(self, row: _Live, token: int) -> bool:
         """EOS, max_new_tokens, a stop string in the newest text, or a cancelled request."""
@@ -288,6 +303,7 @@ class DecodeEngine:
     def _finish(self, row: _Live) -> None:
         """Report the row's answer: its tokens cut and decoded as GenerateTask's rows are."""
         if row.request.cancelled:
+            self.rows_cancelled += 1
             return
         out = self.task.finish(row.encoded, row.tokens, row.stop)  # the one rule for EOS and stop strings
         n = out["num_generated_tokens"]
@@ -299,7 +315,8 @@ class DecodeEngine:
             if not text.startswith(row.sent):  # cannot happen with the hold-back rules; say so if it does
                 logger.warning("streamed text %r is not a prefix of the final text %r", row.sent, text)
             final["delta"] = text[len(row.sent):] if text.startswith(row.sent) else ""
-            final["delta_logprobs"] = final.get("logprobs", [])[row.reported:]
+            if row.request.logprobs is not None:
+                final["delta_logprobs"] = final["logprobs"][row.reported:]
         row.request.sink({"final": final})
 
     def _stream(self, row: _Live) -> None:
@@ -317,57 +334,73 @@ class DecodeEngine:
 
     # -- the batch's state -------------------------------------------------------------------
 
-    def _merge(self, new: list[_Live], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
-               last: torch.Tensor) -> None:
-        """Put prefilled rows into the running batch: caches left-padded to one length,
-        rows ordered by slot (each adapter's rows contiguous)."""
-        if self._live:
-            width = max(self._mask.shape[1], mask.shape[1])
-            layers = [(torch.cat([_pad_left(a.keys, width), _pad_left(b.keys, width)]),
-                       torch.cat([_pad_left(a.values, width), _pad_left(b.values, width)]))
-                      for a, b in zip(self._cache.layers, cache.layers)]
-            cache = DynamicCache(layers)
-            mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-            positions = torch.cat([self._positions, positions])
-            last = torch.cat([self._last, last])
-            new = self._live + new
-        order = sorted(range(len(new)), key=lambda i: new[i].slot)
-        self._live = [new[i] for i in order]
-        self._set_state(cache, mask, positions, last, order)
-
-    def _drop(self, finished: list[_Live]) -> None:
-        """Take finished rows out of the batch and unpin their adapters."""
-        gone = {id(r) for r in finished}
-        keep = [i for i, r in enumerate(self._live) if id(r) not in gone]
-        for row in finished:
-            self.runtime.release(row.pins)
-        self._live = [self._live[i] for i in keep]
+    def _rebuild(self, new: list[_Live], prefilled: tuple | None) -> None:
+        """The running batch without its finished rows and with the prefilled newcomers
+        (`prefilled`: their cache, mask, positions and first tokens), in one copy of the
+        cache: rows ordered by slot (each adapter's rows contiguous), left-padded to the
+        longest row, columns no row uses dropped. A new route for its rows."""
+        parts = []  # (rows, cache, mask, positions, last, index of the rows kept)
+        for rows, state in ((self._live, (self._cache, self._mask, self._positions, self._last)),
+                            (new, prefilled)):
+            keep = [i for i, r in enumerate(rows) if not r.done]
+            if keep:
+                parts.append(([rows[i] for i in keep], *state, keep))
+        self._finished = 0
+        self._live = [r for part in parts for r in part[0]]
         if not self._live:
             self._cache = self._mask = self._positions = self._last = self._route = None
             return
-        mask = self._mask[keep]
-        first = int(mask.any(0).nonzero()[0])  # columns no row uses any more go
-        layers = [(layer.keys[keep, :, first:], layer.values[keep, :, first:]) for layer in self._cache.layers]
-        self._set_state(DynamicCache(layers), mask[:, first:], self._positions[keep], self._last[keep], None)
+        order = sorted(range(len(self._live)), key=lambda i: self._live[i].slot)
+        self._live = [self._live[i] for i in order]
+        device = parts[0][2].device
+        where = torch.empty(len(order), dtype=torch.long)  # each source row's place in the new batch
+        where[torch.tensor(order)] = torch.arange(len(order))
+        spans, start, width = [], 0, 0
+        for rows, cache, mask, positions, last, keep in parts:
+            index = torch.tensor(keep, device=device)
+            used = mask[index]
+            first = int(used.any(0).nonzero()[0])  # columns before it are padding in every kept row
+            spans.append((index, first, where[start:start + len(keep)].to(device)))
+            width = max(width, mask.shape[1] - first)
+            start += len(keep)
+        layers = []
+        for n in range(len(parts[0][1].layers)):
+            keys = values = None
+            for (rows, cache, *_), (index, first, to) in zip(parts, spans):
+                layer = cache.layers[n]
+                if keys is None:
+                    shape = (len(order), layer.keys.shape[1], width, layer.keys.shape[3])
+                    keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+                length = layer.keys.shape[2] - first
+                keys[to, :, width - length:] = layer.keys[index, :, first:]
+                values[to, :, width - length:] = layer.values[index, :, first:]
+            layers.append((keys, values))
+        mask = parts[0][2].new_zeros(len(order), width)
+        positions, last = parts[0][3].new_empty(len(order)), parts[0][4].new_empty(len(order))
+        for (rows, cache, m, p, t, keep), (index, first, to) in zip(parts, spans):
+            mask[to, width - (m.shape[1] - first):] = m[index, first:]
+            positions[to], last[to] = p[index], t[index]
+        self._cache, self._mask, self._positions, self._last = DynamicCache(layers), mask, positions, last
+        self._route = Route(torch.tensor([r.slot for r in self._live], dtype=torch.long, device=device))
+        self.max_rows = max(self.max_rows, len(self._live))
+        self.max_adapters = max(self.max_adapters, len({r.slot for r in self._live}))
 
-    def _set_state(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
-                   order: list[int] | None) -> None:
-        """The running batch's tensors (reordered by `order` unless it is None or the identity);
-        a new route for its rows."""
-        if order is not None and order != list(range(len(order))):
-            index = torch.tensor(order, device=mask.device)
-            cache = DynamicCache([(layer.keys[index], layer.values[index]) for layer in cache.layers])
-            mask, positions, last = mask[index], positions[index], last[index]
-        self._cache, self._mask, self._positions, self._last = cache, mask, positions, last
-        self._route = Route(torch.tensor([r.slot for r in self._live], dtype=torch.long, device=mask.device))
+    def summary(self) -> dict:
+        """The engine's counters (for /v1/stats)."""
+        return {"steps": self.steps, "rows_started": self.rows_started, "rows_joined": self.rows_joined,
+                "rows_cancelled": self.rows_cancelled,
+                "live_rows": len(self._live) - self._finished, "max_step_rows": self.max_rows,
+                "max_step_adapters": self.max_adapters}
 
-    def _fail_all(self, error: Exception) -> None:
-        """A failed model call: every live row gets `internal`; a device failure breaks the engine."""
+    def _fail_all(self, error: Exception, new: list[_Live]) -> None:
+        """A failed model call: every live row and newcomer not done gets `internal`; a device
+        failure breaks the engine."""
         logger.exception("a decoding step over %d rows failed", len(self._live))
         message = str(error)
         if isinstance(error, RuntimeError) and ("CUDA error" in message or "device-side" in message):
             self.broken = error
-        rows, self._live = self._live, []
+        rows = [r for r in {id(r): r for r in [*self._live, *new]}.values() if not r.done]
+        self._live, self._finished = [], 0
         self._cache = self._mask = self._positions = self._last = self._route = None
         for row in rows:
             self.runtime.release(row.pins)

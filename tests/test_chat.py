@@ -85,16 +85,35 @@ def test_a_batch_with_both_prompt_and_messages_is_refused(llama_chat):
         Predictor(model, store, "generate")({"prompt": ["a"], "messages": [CHATS[0]]})
 
 
-def test_the_job_reads_a_messages_column(ray_cluster, llama_chat, tmp_path):
+def _every_model(store: str) -> list[str | None]:
+    """Every adapter of the store, then the base model (None)."""
+    from pathlib import Path
+
+    return [*sorted(p.name for p in Path(store).iterdir()), None]
+
+
+@pytest.fixture(scope="module")
+def job_rows(ray_cluster, llama_chat, tmp_path_factory) -> list[dict]:
+    """The batch job's output rows (by id) for chat i through the i-th of every adapter and
+    the base model, 4 new tokens each."""
     model, store = llama_chat
+    adapters = _every_model(store)
+    tmp = tmp_path_factory.mktemp("chat_job")
     turn = pa.struct([("role", pa.string()), ("content", pa.string())])
-    table = pa.table({"id": [0, 1, 2], "messages": pa.array(CHATS, type=pa.list_(turn)), "adapter_id": ADAPTERS})
-    pq.write_table(table, tmp_path / "in.parquet")
+    chats = [CHATS[i % len(CHATS)] for i in range(len(adapters))]
+    table = pa.table({"id": list(range(len(adapters))), "messages": pa.array(chats, type=pa.list_(turn)),
+                      "adapter_id": adapters})
+    pq.write_table(table, tmp / "in.parquet")
     run(config_from_args(["--model", model, "--adapters", store, "--task", "generate", "--input",
-                          str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"), "--num-cpus", "0.5",
+                          str(tmp / "in.parquet"), "--output", str(tmp / "out"), "--num-cpus", "0.5",
                           "--max-new-tokens", "4"]))
-    rows = sorted(pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist(), key=lambda r: r["id"])
-    for row, chat, adapter in zip(rows, CHATS, ADAPTERS):
+    return sorted(pads.dataset(str(tmp / "out"), format="parquet").to_table().to_pylist(), key=lambda r: r["id"])
+
+
+def test_the_job_reads_a_messages_column(llama_chat, job_rows):
+    model, store = llama_chat
+    for i, (row, adapter) in enumerate(zip(job_rows, _every_model(store))):
+        chat = CHATS[i % len(CHATS)]
         assert row["messages"] == chat and row["adapter_id"] == adapter  # passes through
         expected = oracle.generate_ids(model, store, adapter, _reference_ids(model, chat), 4)
         assert (row["generated_text"], row["num_generated_tokens"], row["finish_reason"]) == expected
@@ -164,8 +183,10 @@ def test_openai_client_chat_completions(chat_url, llama_chat):
 @pytest.mark.parametrize("body, code", [
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "invalid_body"),
     ({"messages": []}, "invalid_body"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "unsupported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "unsupported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "bad_parameter"),  # without logprobs
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "invalid_body"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "invalid_body"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}, "bad_parameter"),
 ])
 def test_chat_bodies_switchyard_cannot_answer_get_400(chat_url, llama_chat, body, code):
     import httpx
@@ -195,3 +216,59 @@ def test_no_chat_template_is_a_400_naming_it():
 
     error = row_error([{"error": f"bad_parameter: {NO_CHAT_TEMPLATE}"}], "messages")
     assert (error.status, error.code) == (400, "bad_parameter") and "has no chat template" in error.message
+
+
+def test_openai_client_streams_chat_for_every_adapter_and_the_base(chat_url, llama_chat, job_rows):
+    """`chat.completions.create(..., stream=True)` for every adapter and the base model at
+    once: the role chunk, then the content, adds up to the non-streamed answer and to the
+    batch job's output for the same chat."""
+    import concurrent.futures
+
+    import openai
+
+    model, store = llama_chat
+    client = openai.OpenAI(base_url=f"{chat_url}/v1", api_key="unused", max_retries=0)
+    names = [a or "my-llama" for a in _every_model(store)]
+
+    def streamed(i: int) -> list:
+        return list(client.chat.completions.create(model=names[i], messages=CHATS[i % len(CHATS)], max_tokens=4,
+                                                   stream=True, stream_options={"include_usage": True}))
+
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        streams = list(pool.map(streamed, range(len(names))))
+    for i, (chunks, row) in enumerate(zip(streams, job_rows)):
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert deltas[0].role == "assistant" and all(c.object == "chat.completion.chunk" for c in chunks)
+        text = "".join(d.content or "" for d in deltas)
+        assert text == row["generated_text"], names[i]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == row["finish_reason"]
+        assert chunks[-1].usage.completion_tokens == row["num_generated_tokens"]
+        assert chunks[-1].usage.prompt_tokens == row["num_input_tokens"]
+        plain = client.chat.completions.create(model=names[i], messages=CHATS[i % len(CHATS)], max_tokens=4)
+        assert plain.choices[0].message.content == text
+
+
+def test_chat_logprobs_and_n(chat_url, llama_chat):
+    """logprobs with top_logprobs, as OpenAI's chat shape has them, for n = 2 greedy copies
+    (equal: greedy ignores the seed), each token PEFT's log_softmax over the chat's tokens."""
+    import openai
+    import torch
+
+    model, store = llama_chat
+    client = openai.OpenAI(base_url=f"{chat_url}/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="lora-qv", messages=CHATS[1], max_tokens=3, n=2, logprobs=True,
+                                            top_logprobs=1)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert answer.choices[0].message.content == answer.choices[1].message.content
+    peft = oracle.oracle_model(model, store, "lora-qv", "generate")
+    tokenizer = oracle.processor(model, "generate")
+    ids = _reference_ids(model, CHATS[1])
+    for entry in answer.choices[0].logprobs.content:
+        with torch.no_grad():
+            expected = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+        chosen = int(expected.argmax())
+        assert entry.token == tokenizer.decode([chosen])
+        assert entry.logprob == pytest.approx(float(expected[chosen]), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [entry.token]
+        ids.append(chosen)
+    assert len(answer.choices[0].logprobs.content) == answer.usage.completion_tokens // 2

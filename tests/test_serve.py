@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,6 +76,13 @@ def gen(serve_url, llama, tmp_path_factory) -> App:
     shutil.copytree(store, copy)
     return _deploy(serve_url, "gen", model, str(copy), "generate", max_new_tokens=MAX_TOKENS, max_batch_size=16,
                    max_pending_rows=24, enable_adapter_management=True)
+
+
+@pytest.fixture(scope="module")
+def gen_coalescer(serve_url, llama) -> App:
+    """Generate on the Llama adapters with the coalescer (whole batches, no streaming)."""
+    return _deploy(serve_url, "gen_coalescer", *llama, "generate", max_new_tokens=MAX_TOKENS, max_batch_size=16,
+                   batcher="coalescer")
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +182,8 @@ def test_completions_equal_oracle(gen, client):
     _check_completion(gen, one, "lora-rs", ["the cat"])
 
 
-def test_concurrent_adapters_coalesce_into_mixed_batches(gen):
+def test_concurrent_adapters_coalesce_into_mixed_batches(gen_coalescer):
+    gen = gen_coalescer
     models = [gen.base, *_adapters(gen)]
     prompts = [SENTENCES[i][: 8 + 3 * i] for i in range(len(models))]
     before = _stats(gen)
@@ -187,7 +196,8 @@ def test_concurrent_adapters_coalesce_into_mixed_batches(gen):
     assert any(b["requests"] > 1 and b["adapters"] > 1 for b in batches), batches
 
 
-def test_bad_request_fails_alone_in_its_batch(gen):
+def test_bad_request_fails_alone_in_its_batch(gen_coalescer):
+    gen = gen_coalescer
     too_long = " ".join(SENTENCES)  # far over the 128-token context
     requests = [("lora-qv", "the cat"), ("lora-rs", ""), ("vera", too_long), (gen.base, "hello"),
                 ("lora-pattern", "we went to")]
@@ -242,15 +252,19 @@ def _nested(levels: int) -> dict:
     ({"model": "lora-qv", "prompt": "x", "max_tokens": 0}, "invalid_body"),
     ({"model": "lora-qv", "prompt": "x", "temperature": -1}, "invalid_body"),
     ({"model": "lora-qv", "prompt": "x", "top_p": 1.5}, "invalid_body"),
-    ({"model": "lora-qv", "prompt": "x", "n": 2}, "unsupported"),
-    ({"model": "lora-qv", "prompt": "x", "stream": True}, "unsupported"),
+    ({"model": "lora-qv", "prompt": "x", "n": 0}, "invalid_body"),
+    ({"model": "lora-qv", "prompt": "x", "logprobs": 21}, "invalid_body"),  # over vLLM's 20
+    ({"model": "lora-qv", "prompt": "x", "best_of": 3}, "unsupported"),
+    ({"model": "lora-qv", "prompt": "x", "echo": True}, "unsupported"),
+    ({"model": "lora-qv", "prompt": "x", "stream_options": {"include_usage": True}}, "bad_parameter"),  # no stream
+    ({"model": "lora-qv", "prompt": "x", "stream": True, "stream_options": {"colour": 1}}, "bad_parameter"),
     ({"model": "lora-qv", "prompt": "x", "stop": ""}, "bad_parameter"),
     ({"model": "lora-qv", "prompt": "x", "colour": "red"}, "invalid_body"),
     ({"model": "lora-qv", "prompt": "x", "max_tokens": 500}, "too_long"),
     ({"model": "lora-qv", "prompt": ["x"] * 25}, "too_many_inputs"),  # over max_pending_rows
     (b"[" * 100_000, "invalid_json"),  # nested deeper than the JSON reader recurses: 400, not a 500
     (b'{"model": "lora-qv", "prompt": "x", "logit_bias": ' + b'{"a": ' * 64 + b"1" + b"}" * 65, "invalid_json"),
-    ({"model": "lora-qv", "prompt": "x", "stream_options": _nested(63)}, "unsupported"),  # 64 levels: parsed
+    ({"model": "lora-qv", "prompt": "x", "stream_options": _nested(63)}, "bad_parameter"),  # 64 levels: parsed
 ], ids=lambda v: None if isinstance(v, (dict, bytes)) else v)
 def test_bad_bodies_get_400(gen, client, body, code):
     url = f"{gen.url}/v1/completions"
@@ -313,6 +327,106 @@ def test_openai_client_completions(gen):
     with pytest.raises(openai.BadRequestError, match="exceed the model's context") as too_long:
         client.completions.create(model=gen.base, prompt="x", max_tokens=1000)
     assert (missing.value.code, too_long.value.code) == ("model_not_found", "too_long")
+
+
+def _openai(app: App):
+    import openai
+
+    return openai.OpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_streamed_completions_equal_the_answer_without_streaming(gen):
+    """The openai client's stream=True for every adapter and the base model at once (their
+    rows share decoding steps): the chunks add up to PEFT's text and to the non-streamed
+    answer; the last chunk carries the usage."""
+    import concurrent.futures
+
+    client = _openai(gen)
+    models = [gen.base, *_adapters(gen)]
+    prompts = {m: SENTENCES[i][: 8 + 4 * i] for i, m in enumerate(models)}
+
+    def streamed(model: str) -> list:
+        return list(client.completions.create(model=model, prompt=prompts[model], max_tokens=MAX_TOKENS, stream=True,
+                                              stream_options={"include_usage": True}))
+
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        chunks = dict(zip(models, pool.map(streamed, models)))
+    for model, got in chunks.items():
+        text, reason, n = _expected_completion(gen, model, prompts[model])
+        with_choice = [c for c in got if c.choices]
+        assert len(with_choice) > 1 and all(c.object == "text_completion" and c.model == model for c in got)
+        assert "".join(c.choices[0].text for c in with_choice) == text, model
+        assert [c.choices[0].finish_reason for c in with_choice] == [None] * (len(with_choice) - 1) + [reason]
+        assert got[-1].choices == [] and got[-1].usage.completion_tokens == n
+        plain = client.completions.create(model=model, prompt=prompts[model], max_tokens=MAX_TOKENS)
+        assert (plain.choices[0].text, plain.usage) == (text, got[-1].usage)
+
+
+def test_n_copies_sample_with_seed_plus_k_streamed_or_not(gen, client):
+    """n > 1: choice i * n + k is input i's copy k, sampled with seed + k (PEFT's generate with
+    that seed); the stream interleaves the choices by index and adds up to the same texts."""
+    prompts = ["the cat", SENTENCES[2][:12]]
+    body = {"model": "lora-rs", "prompt": prompts, "n": 2, "temperature": 0.9, "seed": 5, "max_tokens": MAX_TOKENS}
+    answer = client.post(f"{gen.url}/v1/completions", json=body).json()
+    expected = [_expected_completion(gen, "lora-rs", p, temperature=0.9, seed=5 + k) for p in prompts for k in (0, 1)]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in answer["choices"]] == [
+        (i, text, reason) for i, (text, reason, _) in enumerate(expected)]
+    assert expected[0][0] != expected[1][0], "both copies drew the same text: the seed rule would go unseen"
+    prompt_tokens = sum(len(oracle.processor(gen.model, "generate")(p).input_ids) for p in prompts)
+    assert answer["usage"]["prompt_tokens"] == prompt_tokens  # each prompt counted once, as OpenAI does
+    assert answer["usage"]["completion_tokens"] == sum(n for _, _, n in expected)
+    texts = [""] * 4
+    for chunk in _openai(gen).completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [text for text, _, _ in expected]
+
+
+def test_completion_logprobs_are_the_models_log_softmax(gen, client):
+    """logprobs=2: each token, its logprob and the two likeliest tokens are PEFT's
+    log_softmax over the prompt and the tokens before it; streamed, the same entries."""
+    import torch
+
+    body = {"model": "vera", "prompt": "the cat", "max_tokens": 3, "logprobs": 2}
+    logprobs = client.post(f"{gen.url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    tokenizer = oracle.processor(gen.model, "generate")
+    peft = oracle.oracle_model(gen.model, gen.store, "vera", "generate")
+    ids = tokenizer("the cat").input_ids
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        with torch.no_grad():
+            expected = torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+        chosen = int(expected.argmax())
+        assert token == tokenizer.decode([chosen]) and logprob == pytest.approx(float(expected[chosen]), abs=1e-4)
+        values, best = expected.topk(2)
+        assert top == pytest.approx({tokenizer.decode([t]): float(v) for t, v in zip(best, values)}, abs=1e-4)
+        ids.append(chosen)
+    assert len(logprobs["tokens"]) == 3 and logprobs["text_offset"][0] == 0
+    streamed = [c.choices[0].logprobs for c in _openai(gen).completions.create(**body, stream=True) if c.choices]
+    assert [t for lp in streamed if lp for t in lp.tokens] == logprobs["tokens"]
+    assert [v for lp in streamed if lp for v in lp.token_logprobs] == pytest.approx(logprobs["token_logprobs"])
+
+
+def test_a_client_that_disconnects_frees_its_row(gen):
+    """Closing the connection mid-stream takes the row out of the batch at the next step."""
+    before = _stats(gen)["continuous"]
+    body = {"model": "lora-qv", "prompt": "x", "max_tokens": 120, "stream": True, "logprobs": 20}
+    with httpx.stream("POST", f"{gen.url}/v1/completions", json=body, timeout=TIMEOUT) as response:
+        assert response.status_code == 200
+        next(line for line in response.iter_lines() if line.startswith("data: "))  # it is decoding
+    deadline = time.monotonic() + 60
+    while True:
+        stats = _stats(gen)
+        if stats["continuous"]["rows_cancelled"] > before["rows_cancelled"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert stats["continuous"]["rows_cancelled"] == before["rows_cancelled"] + 1
+    assert stats["continuous"]["live_rows"] == 0 and stats["pending_rows"] == 0
+
+
+@pytest.mark.parametrize("field", [{"stream": True}, {"n": 2}, {"logprobs": 1}])
+def test_the_coalescer_refuses_what_needs_the_continuous_batcher(gen_coalescer, client, field):
+    response = client.post(f"{gen_coalescer.url}/v1/completions", json={"model": "lora-qv", "prompt": "x", **field})
+    assert "start it with batcher=continuous" in _assert_error(response, 400, "unsupported")["message"]
 
 
 def test_load_and_unload_adapter(gen, client):
@@ -543,6 +657,12 @@ def test_build_app_converts_and_checks_args(llama):
         split_args({"model": str(Path(store) / "missing"), "task": "generate"})
     with pytest.raises(ValueError, match="is not a readable folder"):
         split_args({"model": model, "adapters": str(Path(store) / "missing"), "task": "generate"})
+    with pytest.raises(ValueError, match="batcher continuous decodes \\(task generate\\); task 'embed' takes"):
+        split_args({"model": model, "task": "embed", "batcher": "continuous"})
+    with pytest.raises(ValueError, match="batcher"):
+        split_args({"model": model, "task": "generate", "batcher": "vllm"})
+    assert [split_args({"model": model, "task": t})[1].batcher_for(t) for t in ("generate", "embed")] == [
+        "continuous", "coalescer"]
 
 
 def test_every_flag_has_help_from_its_field_metadata():
@@ -555,8 +675,8 @@ def test_every_flag_has_help_from_its_field_metadata():
     missing = [f.name for cls in (PredictorConfig, ServeOptions) for f in fields(cls) if not f.metadata.get("help")]
     assert missing == []
     helps = {a.dest: a.help for a in build_parser()._actions}
-    assert helps["batcher"].startswith('"coalescer" (Switchyard\'s')
-    assert helps["batcher"].endswith("(default: coalescer)")
+    assert helps["batcher"].startswith('"continuous" (task generate: requests join')
+    assert helps["batcher"].endswith("(default: auto)")
     assert helps["stop"] == ("task generate: a stop string; a row's text ends before the first one it produces. "
                              "(repeat for several; default: [])")
     args = vars(build_parser().parse_args(["--model", "m", "--task", "generate", "--no-canary", "--stop", "a"]))

@@ -27,6 +27,7 @@ MAX_BODY_BYTES = 10 * 1024 * 1024  # docs/contract.md "Security": bodies over 10
 # nested 100,000 levels deep escaped it as a RecursionError (a 500). OpenAI's bodies nest < 10.
 MAX_JSON_DEPTH = 64
 RETRY_AFTER_S = 1
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default cap
 Number = StrictInt | StrictFloat
 ROW_STATUS = {"unknown_adapter": 404, "empty_input": 400, "too_long": 400, "bad_image": 400, "bad_parameter": 400,
               "internal": 500}
@@ -106,10 +107,10 @@ class CompletionBody(_Body):
     top_p: Number | None = Field(None, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)  # torch generators take 64-bit seeds
     stop: StrictStr | list[StrictStr] | None = None
-    n: StrictInt = 1
+    n: StrictInt = Field(1, ge=1)
     best_of: StrictInt | None = None
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: StrictBool = False
     stream_options: dict | None = None
     suffix: StrictStr | None = None
@@ -139,9 +140,9 @@ class ChatBody(_Body):
     top_p: Number | None = Field(None, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=0, lt=2**63)
     stop: StrictStr | list[StrictStr] | None = None
-    n: StrictInt = 1
+    n: StrictInt = Field(1, ge=1)
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     stream: StrictBool = False
     stream_options: dict | None = None
     presence_penalty: Number = 0
@@ -274,7 +275,7 @@ def parse_body(schema: type[BaseModel], data: dict) -> Any:
 
 @dataclass
 class Work:
-    """One request's rows on their way through a coalesced batch.
+    """One request's rows on their way through a coalesced batch or the continuous batcher.
 
     `adapter` is None for the base model; `params` holds per-row columns (None = the
     server's default); `options` are `Predictor.with_options` overrides ({} = the server's).
@@ -285,6 +286,10 @@ class Work:
     params: dict[str, list] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     column: str | None = None  # the Predictor column its inputs go in (None: the task's own)
+    copies: int = 1  # choices per input (OpenAI's n): input i's copy k is row i * copies + k
+    logprobs: int | None = None  # alternatives per token to report (None: no logprobs)
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
     @property
     def options_key(self) -> tuple:
@@ -293,16 +298,25 @@ class Work:
         options = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.options.items()))
         return (self.column, *options)
 
+    @property
+    def needs_engine(self) -> list[str]:
+        """The fields set that only the continuous batcher serves."""
+        wanted = {"stream": self.stream, "n": self.copies != 1, "logprobs": self.logprobs is not None}
+        return [name for name, on in wanted.items() if on]
+
+    @property
+    def rows(self) -> int:
+        """Output rows (choices) of the request."""
+        return len(self.inputs) * self.copies
+
 
 def unsupported(body: CompletionBody | ChatBody) -> list[str]:
     """The OpenAI completion and chat fields set to values Switchyard does not implement."""
     problems = {
-        "stream": body.stream, "n": body.n != 1, "best_of": getattr(body, "best_of", None) not in (None, 1),
-        "echo": getattr(body, "echo", False), "logprobs": body.logprobs not in (None, False),
-        "top_logprobs": getattr(body, "top_logprobs", None) is not None,
-        "suffix": getattr(body, "suffix", None) is not None,
+        "best_of": getattr(body, "best_of", None) not in (None, 1, body.n),
+        "echo": getattr(body, "echo", False), "suffix": getattr(body, "suffix", None) is not None,
         "presence_penalty": body.presence_penalty != 0, "frequency_penalty": body.frequency_penalty != 0,
-        "logit_bias": bool(body.logit_bias), "stream_options": body.stream_options is not None,
+        "logit_bias": bool(body.logit_bias),
     }
     return [name for name, bad in problems.items() if bad]
 
@@ -316,19 +330,24 @@ def completion_work(body: CompletionBody, adapter: str | None, defaults: Any) ->
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ApiError(400, "prompt is an empty list; send at least one prompt", "empty_input")
-    return _generation_work(body, adapter, defaults, prompts, body.max_tokens)
+    work = _generation_work(body, adapter, defaults, prompts, body.max_tokens)
+    work.logprobs = body.logprobs
+    return work
 
 
 def chat_work(body: ChatBody, adapter: str | None, defaults: Any) -> Work:
-    """The one row of a chat request (its turns, rendered by the Predictor's chat template).
+    """The row of a chat request (its turns, rendered by the Predictor's chat template).
 
     Raises:
         ApiError: 400 for unsupported fields or empty stop strings.
     """
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "bad_parameter")
     turns = [m.model_dump(exclude_none=True) for m in body.messages]
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     work = _generation_work(body, adapter, defaults, [turns], limit)
     work.column = MESSAGES
+    work.logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return work
 
 
@@ -337,17 +356,22 @@ def _generation_work(body: CompletionBody | ChatBody, adapter: str | None, defau
     """Rows with the sampling fields completions and chat share."""
     bad = unsupported(body)
     if bad:
-        raise ApiError(400, f"unsupported field(s) {bad}: Switchyard returns one non-streamed choice per prompt, "
-                       "without logprobs, penalties or logit_bias; leave them at their defaults", "unsupported")
+        raise ApiError(400, f"unsupported field(s) {bad}: Switchyard has no echo, suffix, best_of > n, penalties "
+                       "or logit_bias; leave them at their defaults", "unsupported")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and not all(stop):
         raise ApiError(400, f"stop ({stop!r}) must hold non-empty strings", "bad_parameter")
+    usage = (body.stream_options or {}).get("include_usage", False)
+    if body.stream_options is not None and (not body.stream or set(body.stream_options) - {"include_usage"}
+                                            or not isinstance(usage, bool)):
+        raise ApiError(400, "stream_options takes only {\"include_usage\": true|false}, with stream: true",
+                       "bad_parameter")
     wanted = {"top_p": body.top_p, "seed": body.seed, "stop": stop}
     options = {k: v for k, v in wanted.items() if v is not None and v != getattr(defaults, k)}
     n = len(inputs)
     params = {"max_new_tokens": [max_tokens] * n,
               "temperature": [None if body.temperature is None else float(body.temperature)] * n}
-    return Work(adapter, inputs, params, options)
+    return Work(adapter, inputs, params, options, copies=body.n, stream=body.stream, include_usage=usage)
 
 
 def text_work(body: EmbeddingBody | ClassifyBody, adapter: str | None) -> Work:
@@ -403,30 +427,84 @@ def row_error(rows: list[dict], what: str) -> ApiError | None:
     return None
 
 
-def completion_response(model: str, rows: list[dict]) -> dict:
-    """OpenAI's text_completion object."""
-    prompt_tokens = sum(r["num_input_tokens"] for r in rows)
-    completion_tokens = sum(r["num_generated_tokens"] for r in rows)
+def completion_response(model: str, rows: list[dict], copies: int = 1) -> dict:
+    """OpenAI's text_completion object (choice i is row i; `copies`: choices per prompt)."""
     return {
         "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": r["generated_text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                    for i, r in enumerate(rows)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [{"index": i, "text": r["generated_text"], "finish_reason": r["finish_reason"],
+                     "logprobs": completion_logprobs(r.get("logprobs"))} for i, r in enumerate(rows)],
+        "usage": usage(rows, copies),
     }
 
 
-def chat_response(model: str, rows: list[dict]) -> dict:
-    """OpenAI's chat.completion object (one choice)."""
-    row = rows[0]
-    prompt_tokens, completion_tokens = row["num_input_tokens"], row["num_generated_tokens"]
+def chat_response(model: str, rows: list[dict], copies: int = 1) -> dict:
+    """OpenAI's chat.completion object (choice i is row i; `copies`: choices per prompt)."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": row["generated_text"]},
-                     "finish_reason": row["finish_reason"], "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r["generated_text"]},
+                     "finish_reason": r["finish_reason"], "logprobs": chat_logprobs(r.get("logprobs"))}
+                    for i, r in enumerate(rows)],
+        "usage": usage(rows, copies),
     }
+
+
+def usage(rows: list[dict], copies: int = 1) -> dict:
+    """OpenAI's usage: each prompt counted once (a prompt's `n` choices share it)."""
+    prompt_tokens = sum(r["num_input_tokens"] for r in rows[::copies])
+    completion_tokens = sum(r["num_generated_tokens"] for r in rows)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """Completions' logprobs object from the engine's per-token entries (`offset`: the
+    characters of the choice's text before these tokens, for `text_offset`)."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict] | None) -> dict | None:
+    """Chat's logprobs object (`content`: one entry per token, with its alternatives)."""
+    if entries is None:
+        return None
+
+    def token(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**token(e["token"], e["logprob"]), "top_logprobs": [token(t, lp) for t, lp in e["top"]]}
+                        for e in entries]}
+
+
+def stream_chunk(endpoint: str, request_id: str, model: str, index: int, delta: str | None,
+                 logprobs: list[dict] | None, finish_reason: str | None, offset: int = 0) -> dict:
+    """One server-sent chunk of a choice, in OpenAI's chunk shape (`delta` None: the chat
+    chunk that opens a choice with the assistant's role)."""
+    head = {"id": request_id, "created": int(time.time()), "model": model}
+    if endpoint == "completions":
+        choice = {"index": index, "text": delta or "", "logprobs": completion_logprobs(logprobs, offset),
+                  "finish_reason": finish_reason}
+        return {**head, "object": "text_completion", "choices": [choice]}
+    message = {"role": "assistant", "content": ""} if delta is None else ({"content": delta} if delta else {})
+    choice = {"index": index, "delta": message, "logprobs": chat_logprobs(logprobs), "finish_reason": finish_reason}
+    return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+
+
+def usage_chunk(endpoint: str, request_id: str, model: str, rows: list[dict], copies: int) -> dict:
+    """The last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    kind = "text_completion" if endpoint == "completions" else "chat.completion.chunk"
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(rows, copies)}
+
+
+def server_sent(data: dict | str) -> str:
+    """One server-sent event: `data: <json>` and a blank line (`[DONE]` as is)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 def embedding_response(model: str, rows: list[dict], encoding_format: str) -> dict:

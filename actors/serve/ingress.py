@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import PredictorConfig
-from actors.serve.api import ApiError, Reply, error_body, read_json
+from actors.serve.api import ApiError, Reply, error_body, read_json, server_sent
 from actors.serve.batching import ServeMetrics
 from actors.serve.model import SwitchyardModel
 from actors.serve.options import ServeOptions, options_dict, split_args
@@ -56,6 +56,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code)
 
 
+STREAMING = ("completions", "chat/completions")  # endpoints that take `stream: true`
 RESTART_PROBE_TIMEOUT_S = 5.0  # how long one probe of a restarting model replica may wait
 RESTART_PROBE_INTERVAL_S = 0.5
 
@@ -161,7 +162,41 @@ class SwitchyardIngress:
             data = await read_json(request)
         except ApiError as e:
             return self._answered(endpoint, e.reply(), started)
+        if endpoint in STREAMING and isinstance(data, dict) and data.get("stream") is True:
+            return await self._stream(endpoint, started, data)
         return await self._call(endpoint, started, "answer", endpoint, data)
+
+    async def _stream(self, endpoint: str, started: float, data: dict) -> JSONResponse | StreamingResponse:
+        """A streaming request: the model replica's first item is its answer's head (an
+        error, or 200: then its server-sent events follow). When the client goes away,
+        Starlette stops the body, and cancelling the handle's stream takes the request's
+        rows out of the replica's batch."""
+        if self._restart is not None and not self._restart.done():
+            reply = ApiError(503, "the model replica is restarting after it stopped; retry after Retry-After seconds",
+                             "replica_unavailable").reply()
+            return self._answered(endpoint, reply, started)
+        events = self.model.options(stream=True).answer_stream.remote(endpoint, data)
+        try:
+            head = await events.__anext__()
+        except Exception as e:  # noqa: BLE001 - the replica died or is unreachable: answered in JSON
+            events.cancel()
+            return self._answered(endpoint, model_failure(e).reply(), started)
+        self._answered(endpoint, head, started)
+        if head.status != 200:
+            return head.response()
+
+        async def body():
+            try:
+                async for event in events:
+                    yield event
+            except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an error event ends it
+                error = model_failure(e)
+                yield server_sent(error_body(error.status, error.message, error.code))
+                yield server_sent("[DONE]")
+            finally:
+                events.cancel()  # a no-op once the stream ended
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _manage(self, request: Request, endpoint: str) -> JSONResponse:
         """Load or unload an adapter of the store, when enabled."""

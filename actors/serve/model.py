@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from actors.serve.api import (
 )
 from actors.serve.batching import BatchRunner, BatchStats, Coalescer, ServeMetrics
 from actors.serve.options import ServeOptions
+from actors.serve.streaming import EngineRequest, sse_events
 from actors.store import ADAPTER_ID_PATTERN, is_valid_adapter_id
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class SwitchyardModel:
         self.metrics = ServeMetrics()
         self.pending_rows = 0
         self.coalescer = Coalescer(self._run_batch, self.options.max_batch_size, self.options.batch_wait_timeout_s)
+        self.engine = None
+        if self.options.batcher_for(self.task) == "continuous":
+            from actors.engine import DecodeEngine
+
+            self.engine = DecodeEngine(self.predictor, self.options.max_batch_size)
         self._serve_batch.set_max_batch_size(self.options.max_batch_size)
         self._serve_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         for name in set(self.base_names) & set(self.predictor.adapter_ids):
@@ -65,6 +72,8 @@ class SwitchyardModel:
             raise RuntimeError(f"replica unusable after a fatal model error: {self.runner.broken!r}")
         if not self.coalescer.alive:
             raise RuntimeError("the batching task stopped; requests would wait forever")
+        if self.engine is not None and (self.engine.broken is not None or not self.engine.alive):
+            raise RuntimeError(f"the decoding loop stopped or failed fatally: {self.engine.broken!r}")
 
     # -- what the ingress calls -------------------------------------------------------------
 
@@ -83,14 +92,16 @@ class SwitchyardModel:
     async def stats(self) -> Reply:
         """GET /v1/stats: this replica's batching counters (cheap; for tests and dashboards)."""
         replica = serve.get_replica_context().replica_id.unique_id
-        return Reply(200, {**self.batch_stats.summary(), "pending_rows": self.pending_rows, "task": self.task,
-                           "replica": replica})
+        engine = {"continuous": self.engine.summary()} if self.engine is not None else {}
+        return Reply(200, {**self.batch_stats.summary(), **engine, "pending_rows": self.pending_rows,
+                           "task": self.task, "replica": replica})
 
     async def answer(self, endpoint: str, data: dict) -> Reply:
-        """One inference request: validate, admit, run in a coalesced batch, render.
+        """One inference request: validate, admit, run in a mixed batch, render.
 
         Args:
-            endpoint: "completions", "embeddings" or "classify" (the ingress checked the task).
+            endpoint: "completions", "chat/completions", "embeddings" or "classify" (the
+                ingress checked the task).
             data: the request's JSON object.
 
         Returns:
@@ -101,13 +112,53 @@ class SwitchyardModel:
             body = parse_body(SCHEMAS[endpoint], data)
             adapter = self._resolve(body.model)
             adapter_tag = body.model
-            rows = await self._submit(self._work(endpoint, body, adapter))
+            work = self._work(endpoint, body, adapter)
+            if work.stream:
+                raise ApiError(400, "stream: true is answered by the streaming call; send it through the HTTP "
+                               "server", "bad_parameter")
+            rows = await self._submit(work, endpoint)
             error = row_error(rows, INPUT_NAMES[endpoint])
             if error is not None:
                 raise error
-            return Reply(200, self._render(endpoint, body, rows), adapter_tag)
+            return Reply(200, self._render(endpoint, body, rows, work.copies), adapter_tag)
         except ApiError as e:
             return e.reply(adapter_tag)
+
+    async def answer_stream(self, endpoint: str, data: dict) -> AsyncIterator[Reply | str]:
+        """A request with `stream: true` (completions, chat): first a `Reply` (an error, or a
+        200 whose body is empty: the stream begins), then its server-sent events. A
+        cancelled call (the client went away) takes its rows out of the batch."""
+        adapter_tag = "unknown"
+        try:
+            body = parse_body(SCHEMAS[endpoint], data)
+            adapter = self._resolve(body.model)
+            adapter_tag = body.model
+            work = self._work(endpoint, body, adapter)
+            self._check_engine(work)
+            request = EngineRequest(self.engine, work, endpoint)
+            self._admit(work.rows)
+        except ApiError as e:
+            yield e.reply(adapter_tag)
+            return
+        try:
+            await request.start()
+        except ApiError as e:
+            self._pending(-work.rows)
+            yield e.reply(adapter_tag)
+            return
+        try:
+            yield Reply(200, {}, adapter_tag)
+            events = []
+            async for event in sse_events(request, body.model):
+                events.append(event)
+                if not request.has_reports():  # what came in one go leaves as one message
+                    yield "".join(events)
+                    events = []
+            if events:
+                yield "".join(events)
+        finally:
+            request.cancel()  # no-op for finished rows
+            self._pending(-work.rows)
 
     async def manage(self, endpoint: str, data: dict) -> Reply:
         """POST /v1/load_lora_adapter or /v1/unload_lora_adapter (the ingress checked that
@@ -154,24 +205,30 @@ class SwitchyardModel:
             return image_work(body, adapter)
         return text_work(body, adapter)
 
-    def _render(self, endpoint: str, body: Any, rows: list[dict]) -> dict:
+    def _render(self, endpoint: str, body: Any, rows: list[dict], copies: int) -> dict:
         """The response body for successful rows."""
         if endpoint == "completions":
-            return completion_response(body.model, rows)
+            return completion_response(body.model, rows, copies)
         if endpoint == "chat/completions":
-            return chat_response(body.model, rows)
+            return chat_response(body.model, rows, copies)
         if endpoint == "embeddings":
             return embedding_response(body.model, rows, body.encoding_format)
         return classify_response(body.model, rows)
 
-    async def _submit(self, work: Work) -> list[dict]:
-        """Admit a request's rows, wait for its coalesced batch, return its rows in order.
+    def _check_engine(self, work: Work) -> None:
+        """Raise 400 for stream, n > 1 or logprobs when the continuous batcher is off."""
+        if work.needs_engine and self.engine is None:
+            raise ApiError(400, f"{work.needs_engine} need the continuous batcher; this deployment runs batcher "
+                           f"{self.options.batcher!r} (start it with batcher=continuous, the default for task "
+                           "generate)", "unsupported")
+
+    def _admit(self, n: int) -> None:
+        """Count `n` more pending rows.
 
         Raises:
-            ApiError: 400 for more inputs than max_pending_rows, 503 while too many are
-                pending, or the error of a failed model call.
+            ApiError: 400 for more rows than max_pending_rows, 503 while too many are pending.
         """
-        n, limit = len(work.inputs), self.options.max_pending_rows
+        limit = self.options.max_pending_rows
         if n > limit:
             raise ApiError(400, f"{n} inputs in one request, over max_pending_rows ({limit}); split the request",
                            "too_many_inputs")
@@ -179,13 +236,32 @@ class SwitchyardModel:
             raise ApiError(503, f"overloaded: {self.pending_rows} inputs pending, limit {limit}; retry later",
                            "overloaded")
         self._pending(n)
+
+    async def _submit(self, work: Work, endpoint: str) -> list[dict]:
+        """Admit a request's rows, wait for them (the continuous batcher for generate, else a
+        coalesced batch), return its rows in order.
+
+        Raises:
+            ApiError: 400 for more inputs than max_pending_rows, 503 while too many are
+                pending, or the error of a failed model call.
+        """
+        if self.task == "generate":
+            self._check_engine(work)
+        self._admit(work.rows)
         try:
-            if self.options.batcher == "coalescer":
-                result = await self.coalescer.submit(work)
-            else:
+            if self.engine is not None and self.task == "generate":
+                request = EngineRequest(self.engine, work, endpoint)
+                try:
+                    await request.start()
+                    return await request.finals()
+                finally:
+                    request.cancel()  # the caller went away mid-way: its rows leave the batch
+            if self.options.batcher == "serve.batch":
                 result = await self._serve_batch(work)
+            else:
+                result = await self.coalescer.submit(work)
         finally:
-            self._pending(-n)
+            self._pending(-work.rows)
         if isinstance(result, ApiError):
             raise result
         return result

@@ -14,7 +14,7 @@ from actors.options import convert
 from actors.store import AdapterStore, parse_lora_modules
 
 PREDICTOR_FIELDS = {f.name for f in fields(PredictorConfig)}
-BATCHERS = ("coalescer", "serve.batch")
+BATCHERS = ("auto", "continuous", "coalescer", "serve.batch")
 
 
 @dataclass
@@ -34,10 +34,12 @@ class ServeOptions:
     batch_wait_timeout_s: float = field(default=0.01, metadata={"help": (
         "how long a batch waits for more requests once the model is free (not at all when max_batch_size "
         "requests already wait).")})
-    batcher: str = field(default="coalescer", metadata={"help": (
-        '"coalescer" (Switchyard\'s: the next batch takes every request that arrived during the running one) '
-        'or "serve.batch" (Ray\'s `@serve.batch`, whose batches close on a timer while the model is busy: '
-        "smaller batches under load).")})
+    batcher: str = field(default="auto", metadata={"help": (
+        '"continuous" (task generate: requests join the running batch at its next decoding step and leave it when '
+        'done; needed for stream, n > 1 and logprobs), "coalescer" (the next batch takes every request that '
+        'arrived during the running one), "serve.batch" (Ray\'s `@serve.batch`, whose batches close on a timer '
+        'while the model is busy: smaller batches under load), or "auto": continuous for generate, coalescer for '
+        "the other tasks.")})
     max_ongoing_requests: int | None = field(default=None, metadata={"help": (
         "requests a replica admits at once (None: 4 x max_batch_size); must be >= max_batch_size, or "
         "batches never fill.")})
@@ -72,6 +74,18 @@ class ServeOptions:
         require(self.served_model_name is None or (bool(self.served_model_name) and all(
             isinstance(n, str) and n for n in self.served_model_name)),
             f"served_model_name ({self.served_model_name!r}) must hold non-empty names")
+
+    def batcher_for(self, task: str) -> str:
+        """The batcher a replica of `task` runs ("auto" resolved).
+
+        Raises:
+            ValueError: "continuous" for a task other than generate.
+        """
+        if self.batcher == "auto":
+            return "continuous" if task == "generate" else "coalescer"
+        require(self.batcher != "continuous" or task == "generate",
+                f"batcher continuous decodes (task generate); task {task!r} takes coalescer or serve.batch")
+        return self.batcher
 
     def predictor_threads(self) -> int | None:
         """Torch threads of a CPU replica: its whole CPUs, at least 1 (None with a GPU)."""
@@ -128,6 +142,7 @@ def split_args(args: dict[str, Any]) -> tuple[dict[str, Any], ServeOptions]:
     if "num_threads" in PREDICTOR_FIELDS and predictor.get("num_threads") is None and options.predictor_threads():
         predictor["num_threads"] = options.predictor_threads()
     PredictorConfig(**predictor)
+    options.batcher_for(predictor.get("task", PredictorConfig.task))
     AdapterStore(predictor.get("adapters"), parse_lora_modules(predictor.get("lora_modules"))).ids()  # up front
     return predictor, options
 
