@@ -218,6 +218,8 @@ class DecodeEngine:
         with routing(route):
             inputs = self.task._inputs(ids, mask)  # virtual tokens and prefixes, as GenerateTask.run has them
             cache = inputs.pop("cache", None)
+            if cache is None:
+                cache = DynamicCache()  # full layers (the model's own may slide): the merge aligns every row
             if "position_ids" not in inputs and self.task.takes_positions:
                 inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
             out = self.task.model(**inputs, **{self._cache_arg: cache}, use_cache=True, **self._model_args)

@@ -249,3 +249,38 @@ def test_unknown_adapter_fails_its_row_only(llama, llama_engine):
 def test_the_engine_refuses_other_tasks(bert):
     with pytest.raises(ValueError, match="continuous batching runs task generate, not 'classify'"):
         DecodeEngine(Predictor(model=bert[0], adapters=bert[1], task="classify"), 4)
+
+
+def test_a_sliding_window_model_joins_rows_as_generate_does(tmp_path):
+    """Qwen2 with a sliding-window layer (window 8, prompts longer): the engine keeps full
+    caches and the model's mask applies the window, as PEFT's generate does alone."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from testkit.adapters import save_adapter
+    from testkit.models import llama_tokenizer
+
+    tokenizer = llama_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1, initializer_range=0.1,
+                         tie_word_embeddings=False, **ids)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = str(tmp_path / "model")
+    Qwen2ForCausalLM(config).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    GenerationConfig(**ids).save_pretrained(model)
+    store = str(tmp_path / "store")
+    save_adapter(model, store, "a", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                              target_modules=["q_proj", "v_proj"]),
+                 model_class=AutoModelForCausalLM, seed=1)
+    engine = DecodeEngine(Predictor(model=model, adapters=store, task="generate", max_new_tokens=12), 8)
+    first = [(SENTENCES[0][:60], "a", 12), (SENTENCES[1][:10], None, 12)]
+    later = [(SENTENCES[2][:45], "a", 8), (SENTENCES[3][:70], None, 6)]
+    rows = _staggered(engine, first, later)
+    for i, (prompt, adapter, n) in enumerate(first + later):
+        assert len(oracle.processor(model, "generate")(prompt).input_ids) > 8 or i == 1
+        assert rows.outcome(i) == oracle.generate(model, store, adapter, prompt, n), (adapter, prompt)

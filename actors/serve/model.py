@@ -109,8 +109,7 @@ class SwitchyardModel:
         """
         adapter_tag = "unknown"
         try:
-            body = parse_body(SCHEMAS[endpoint], data)
-            adapter = self._resolve(body.model)
+            body, adapter = self._parse(endpoint, data)
             adapter_tag = body.model
             work = self._work(endpoint, body, adapter)
             if work.stream:
@@ -130,8 +129,7 @@ class SwitchyardModel:
         cancelled call (the client went away) takes its rows out of the batch."""
         adapter_tag = "unknown"
         try:
-            body = parse_body(SCHEMAS[endpoint], data)
-            adapter = self._resolve(body.model)
+            body, adapter = self._parse(endpoint, data)
             adapter_tag = body.model
             work = self._work(endpoint, body, adapter)
             self._check_engine(work)
@@ -204,6 +202,15 @@ class SwitchyardModel:
         if self.task == "classify-image":
             return image_work(body, adapter)
         return text_work(body, adapter)
+
+    def _parse(self, endpoint: str, data: dict) -> tuple[Any, str | None]:
+        """The request's body, and the adapter its `model` names (None: the base model).
+
+        Raises:
+            ApiError: 400 for a bad body, 404 for an unknown model.
+        """
+        body = parse_body(SCHEMAS[endpoint], data)
+        return body, self._resolve(body.model)
 
     def _render(self, endpoint: str, body: Any, rows: list[dict], copies: int) -> dict:
         """The response body for successful rows."""
