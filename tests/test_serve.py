@@ -717,21 +717,42 @@ def test_jobs_serve_refuses_a_bad_model_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_serve_prints_url_and_stops_on_sigint(llama, tmp_path):
+def test_jobs_serve_prints_url_streams_chat_and_stops_on_sigint(llama, tmp_path):
+    """`jobs/serve.py` as a user starts it, on a model with a chat template: the openai
+    client's `chat.completions.create(..., stream=True)` for every adapter and the base model
+    equals the non-streamed answer and PEFT on the template's tokens; Ctrl-C stops it."""
     import signal
 
+    import openai
+    from transformers import AutoTokenizer
+
+    from test_chat import TEMPLATE
+
+    model = Path(shutil.copytree(llama[0], tmp_path / "model"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(model)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", llama[0], "--adapters", llama[1], "--task",
+    proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", str(model), "--adapters", llama[1], "--task",
                              "generate", "--port", str(port), "--max-new-tokens", "3"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "w"), text=True,
                             start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/v1" in line
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "lora-qv", "prompt": "hi"},
-                            timeout=TIMEOUT)
-        assert answer.status_code == 200
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        chat = [{"role": "user", "content": "the cat sat"}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        for name in [model.name, *sorted(p.name for p in Path(llama[1]).iterdir())]:
+            chunks = list(client.chat.completions.create(model=name, messages=chat, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            plain = client.chat.completions.create(model=name, messages=chat)
+            adapter = None if name == model.name else name
+            expected, _, reason = oracle.generate_ids(str(model), llama[1], adapter, ids, 3)
+            assert (text, plain.choices[0].message.content, plain.choices[0].finish_reason) == (
+                expected, expected, reason), name
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
         assert proc.wait(timeout=120) == 0
         noise = (tmp_path / "stderr.log").read_text()
