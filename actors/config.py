@@ -68,6 +68,10 @@ class PredictorConfig:
         "else off).")})
     max_loaded_adapters: int | None = field(default=None, metadata={
         "help": "adapters held in memory at once (None: all of the store)."})
+    adapter_cache_mb: int = field(default=2048, metadata={"help": (
+        "with max_loaded_adapters below the store's size: MiB of host memory for parsed adapter weights "
+        "(least recently used dropped first), so an adapter swapped into a slot is copied from memory instead of "
+        "read from disk again (0: always read from disk).")})
     canary: bool = field(default=True, metadata={"help": "run the start-up mixed-vs-alone check."})
     lora_modules: list[str] = field(default_factory=list, metadata={"help": (
         "an adapter outside the adapter store, as name=path (vLLM's --lora-modules); rows name it like a store "
@@ -106,6 +110,8 @@ class PredictorConfig:
                 f"pooling ({self.pooling!r}) must be one of {', '.join(POOLINGS)}")
         require(self.normalize is None or isinstance(self.normalize, bool),
                 f"normalize ({self.normalize!r}) must be true, false or unset")
+        require(isinstance(self.adapter_cache_mb, int) and self.adapter_cache_mb >= 0,
+                f"adapter_cache_mb ({self.adapter_cache_mb!r}) must be an integer >= 0")
         require(self.max_batch_rows >= 1, f"max_batch_rows ({self.max_batch_rows!r}) must be >= 1")
         require(all(isinstance(s, str) and s for s in self.stop), f"stop ({self.stop!r}) must be non-empty strings")
         check_model_dir(self.model)

@@ -252,6 +252,15 @@ class _LowRankBase(nn.Module):
     def assign(self, slot: int, delta: ModuleDelta | None) -> None:
         """Write one adapter's weights into `slot`, or clear it (the slot must not be in use)."""
         stack = self.stack
+        if self._same_terms(slot, delta):  # a LoRA over a LoRA (swapping adapters): the tensors only
+            if delta.rank < stack.A.shape[2]:  # the ranks it does not fill must be zero
+                stack.A[slot].zero_()
+                stack.B[slot].zero_()
+            stack.A[slot, :, : delta.rank].copy_(delta.A.T)  # contiguous when the runtime read it
+            stack.B[slot, : delta.rank].copy_(delta.B.T)
+            if stack.bias is not None:
+                stack.bias[slot] = 0 if delta.bias is None else delta.bias
+            return
         self.usage = usage = self.usage.without(slot)
         self._clear(stack, slot)
         if delta is None or delta.empty:  # empty: a module pruned away (AdaLoRA) adds nothing
@@ -279,6 +288,16 @@ class _LowRankBase(nn.Module):
                             usage.in_ops + (((slot, delta.in_op.to(ref)),) if delta.in_op else ()),
                             usage.add_ops + (((slot, delta.add_op.to(ref)),) if delta.add_op else ()),
                             frozenset(shifted))
+
+    def _same_terms(self, slot: int, delta: ModuleDelta | None) -> bool:
+        """Whether `delta` is a plain low-rank term (no scales, no ops) and `slot` holds one
+        now: writing it leaves the module's usage as it is."""
+        usage = self.usage
+        return (delta is not None and delta.rank > 0 and delta.in_scale is None and delta.out_scale is None
+                and delta.in_op is None and delta.add_op is None and slot in usage.lowrank
+                and slot not in usage.in_scale and slot not in usage.out_scale
+                and all(s != slot for s, _ in usage.in_ops + usage.add_ops)
+                and (delta.bias is None or self.stack.bias is not None))
 
     def _shift(self, delta: ModuleDelta) -> torch.Tensor:
         """(1 - out_scale) * b: what keeps the base bias unscaled (DoRA, BOFT); 0 for IA3."""

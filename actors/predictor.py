@@ -69,7 +69,8 @@ class Predictor:
         hf_model, processor, self._untrained = load_model(self.config, self.device)
         self.task = TASK_CLASSES[task](hf_model, processor, self.config)
         store = AdapterStore(adapters, parse_lora_modules(self.config.lora_modules))
-        self.runtime = AdapterRuntime(hf_model, store, self.config.max_loaded_adapters)
+        self.runtime = AdapterRuntime(hf_model, store, self.config.max_loaded_adapters,
+                                      self.config.adapter_cache_mb * 2**20)
         self._base_error = self._check_untrained(self.runtime.adapter_ids)
         if self.config.canary:
             from actors.canary import check_routing
@@ -240,9 +241,24 @@ class Predictor:
         return isinstance(adapter, str) and self.runtime.known(adapter)
 
     def _run(self, rows: list[_Row]) -> None:
-        """Run every encoded row in model calls that fit the adapter capacity and batch size."""
-        todo = sorted((r for r in rows if r.error is None), key=_length)  # similar lengths pad less
-        for group in _groups(todo, self.runtime.capacity, self.config.max_batch_rows):
+        """Run every encoded row in model calls that fit the adapter capacity and batch size.
+
+        Rows of similar lengths go together (less padding). When the rows name more adapters
+        than there are slots, each adapter's rows go together instead, adapters already in a
+        slot first, so that each adapter is loaded at most once for the whole batch and the
+        resident ones run before anything evicts them; the next call's adapters are read
+        ahead while a call runs."""
+        todo = [r for r in rows if r.error is None]
+        adapters = {r.adapter_key for r in todo if r.adapter_key is not None}
+        if len(adapters) > self.runtime.capacity:
+            resident = set(self.runtime.loaded_ids)
+            todo.sort(key=lambda r: (r.adapter_key not in resident, r.adapter_key or "", _length(r)))
+        else:
+            todo.sort(key=_length)
+        groups = _groups(todo, self.runtime.capacity, self.config.max_batch_rows)
+        for k, group in enumerate(groups):
+            if k + 1 < len(groups):
+                self.runtime.prefetch([r.adapter_key for r in groups[k + 1] if r.adapter_key is not None])
             self._run_group(group)
 
     def _run_group(self, group: list[_Row]) -> None:

@@ -5,6 +5,13 @@ live in slots at once (all by default); past that they load on first use into a
 least-recently-used set. A batch pins the slots it uses until its model call ends, so
 another thread can never evict or overwrite an adapter in use.
 
+Two tiers hold adapters: the slots (the routed layers' stacks, on the model's device) and a
+host-memory tier of parsed weights (`HostTier`, least-recently-used, sized in bytes, as
+vLLM's CPU LoRA cache). Loading an adapter into a slot copies it from the host tier; only an
+adapter in neither tier is read from disk, and that read happens off the runtime's lock, so
+other calls go on meanwhile. `prefetch` reads a later call's adapters ahead in a thread of
+its own.
+
 Every module is resolved against the base model as it was before anything was wrapped
 (`BaseTree`): a LoRA on a child of a head (`classifier.dense`) goes into the base head that
 rows without a head copy use, and each head copy is made from the untouched base module, so
@@ -17,9 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import fields, is_dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,7 +59,8 @@ class AdapterRuntime:
         capacity: how many adapters may be loaded at once (None: all of the store).
     """
 
-    def __init__(self, model: nn.Module, store: AdapterStore, capacity: int | None = None) -> None:
+    def __init__(self, model: nn.Module, store: AdapterStore, capacity: int | None = None,
+                 host_bytes: int = 0) -> None:
         self.model = model
         self.store = store
         self.base = BaseTree(model)  # before anything is wrapped
@@ -69,6 +81,12 @@ class AdapterRuntime:
         self._head_names: dict[str, frozenset[str]] = {}  # adapter id -> the modules it saves whole
         self._labels: dict[str, dict[int, str]] = {}  # adapter id -> its own label names, if it has some
         self._versions: dict[int, str | None] = {}  # slot -> content hash of the adapter loaded there
+        self.host = HostTier(host_bytes)
+        self._generation: dict[str, int] = {}  # adapter id -> bumped by add/remove: older reads are stale
+        self._reading: dict[str, Future] = {}  # adapter id -> its read ahead, in flight
+        self._reader: ThreadPoolExecutor | None = None
+        self.disk_reads = 0  # adapters read from disk after start-up (in neither tier, or changed on disk)
+        self.slot_loads = 0  # adapters copied into a slot after start-up
         self._validate_and_prepare()
 
     @property
@@ -91,22 +109,30 @@ class AdapterRuntime:
         """Read every adapter once (refusing bad ones), wrap the modules they touch, and load
         as many as fit."""
         for adapter_id in self.adapter_ids:
+            signature = folder_signature(self.store.path(adapter_id))
             weights = self._read(adapter_id)
             self._install_modules(weights)
             if len(self._loaded) < self.capacity:
                 self._load_into(self._free.pop(), weights)
+            if not self._unbounded:  # slots will be swapped: keep the parsed weights at hand
+                self.host.put(adapter_id, weights, signature)
         logger.info("loaded %d of %d adapters", len(self._loaded), len(self.adapter_ids))
 
     def _read(self, adapter_id: str) -> AdapterWeights:
         """Read one adapter against the untouched base model."""
-        weights = read_adapter(self.store.path(adapter_id), adapter_id, self.base)
+        weights = _slot_layout(read_adapter(self.store.path(adapter_id), adapter_id, self.base))
+        self._note(weights)
+        return weights
+
+    def _note(self, weights: AdapterWeights) -> None:
+        """Record what callers ask of an adapter before they run it (positions, heads, labels)."""
+        adapter_id = weights.adapter_id
         self._virtual_lengths[adapter_id] = weights.n_virtual
         self._head_names[adapter_id] = frozenset(weights.heads)
         if weights.id2label:
             self._labels[adapter_id] = weights.id2label
         else:
             self._labels.pop(adapter_id, None)
-        return weights
 
     def labels_of(self, adapter_id: str) -> dict[int, str] | None:
         """Adapter `adapter_id`'s own label names (a config.json beside it), or None."""
@@ -226,7 +252,11 @@ class AdapterRuntime:
                 return
             while adapter_id in self._loaded:  # a removal of this id waits for running calls: let it finish
                 self._lock.wait()
+            signature = folder_signature(self.store.path(adapter_id))
             weights = self._read(adapter_id)  # always the folder as it is now
+            self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
+            if not self._unbounded:
+                self.host.put(adapter_id, weights, signature)
             if self._unbounded and not self._free:
                 self.capacity += 1
                 self._free.append(self.capacity)
@@ -267,6 +297,8 @@ class AdapterRuntime:
                 self._known.discard(adapter_id)
                 self.adapter_ids.remove(adapter_id)
             self._pending.discard(adapter_id)  # from now on no call can acquire it
+            self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
+            self.host.drop(adapter_id)
             while adapter_id in self._loaded and self._pins.get(self._loaded[adapter_id]):
                 self._lock.wait()
             if adapter_id in self._loaded:
@@ -294,36 +326,101 @@ class AdapterRuntime:
         wanted = list(dict.fromkeys(adapter_ids))
         if len(wanted) > self.capacity:
             raise ValueError(f"a model call needs {len(wanted)} adapters but max_loaded_adapters is {self.capacity}")
-        with self._lock:
-            self._check_published(wanted, include_pending)
-            while not self._can_hold(wanted):
-                self._lock.wait()  # slots are pinned by calls running in other threads
-                self._check_published(wanted, include_pending)  # it may have been removed meanwhile
-            slots = {a: self._ensure_loaded(a, wanted) for a in wanted}
-            for slot in slots.values():
-                self._pins[slot] = self._pins.get(slot, 0) + 1
+        slots = self._pin(wanted, include_pending, wait=True)
         try:
             yield slots
         finally:
             self.release(slots)
 
     def try_acquire(self, adapter_ids: list[str]) -> dict[str, int] | None:
-        """Like `acquire`, without waiting: the pinned id -> slot, or None when the slots are
-        pinned by other rows right now. The caller unpins with `release` (the continuous
-        batcher pins one row's adapter for as long as the row decodes).
+        """Like `acquire`, without waiting for slots: the pinned id -> slot, or None when the
+        slots are pinned by other rows right now. The caller unpins with `release` (the
+        continuous batcher pins one row's adapter for as long as the row decodes).
 
         Raises:
             UnknownAdapterError: an adapter that is not published.
         """
         wanted = list(dict.fromkeys(adapter_ids))
+        if len(wanted) > self.capacity:
+            return None
+        return self._pin(wanted, False, wait=False)
+
+    def _pin(self, wanted: list[str], include_pending: bool, wait: bool) -> dict[str, int] | None:
+        """Pin the slots of the distinct adapters `wanted`, loading the ones not in a slot from
+        the host tier. Whatever touches the disk runs with the lock released: the check that
+        a host-tier copy still matches its folder (file sizes and times), and the read of an
+        adapter in neither tier (or changed on disk)."""
+        weights: dict[str, AdapterWeights] = {}  # checked against the disk; held here while we load
+        while True:
+            with self._lock:
+                self._check_published(wanted, include_pending)
+                while not self._can_hold(wanted):
+                    if not wait:
+                        return None
+                    self._lock.wait()  # slots are pinned by calls running in other threads
+                    self._check_published(wanted, include_pending)  # it may have been removed meanwhile
+                need = [a for a in wanted if a not in self._loaded and a not in weights]
+                if not need:
+                    slots = {a: self._ensure_loaded(a, wanted, weights.get(a)) for a in wanted}
+                    for slot in slots.values():
+                        self._pins[slot] = self._pins.get(slot, 0) + 1
+                    return slots
+                generations = {a: self._generation.get(a, 0) for a in need}
+                reading = [f for f in (self._reading.get(a) for a in need) if f is not None]
+            for future in reading:  # a read ahead of one of them: let it land in the host tier
+                future.result()
+            signatures = {a: folder_signature(self.store.path(a)) for a in need}
+            with self._lock:
+                stale = []
+                for adapter_id in need:
+                    cached = self.host.get(adapter_id, signatures[adapter_id])
+                    if cached is not None:
+                        weights[adapter_id] = cached
+                    else:
+                        stale.append(adapter_id)
+            read = {a: self._read_file(a) for a in stale}  # off the lock: other calls go on
+            with self._lock:
+                for adapter_id, fresh in read.items():
+                    if self._generation.get(adapter_id, 0) != generations[adapter_id]:
+                        continue  # added again or removed meanwhile: look again
+                    self._note(fresh)
+                    self.host.put(adapter_id, fresh, signatures[adapter_id])
+                    weights[adapter_id] = fresh
+
+    def _read_file(self, adapter_id: str) -> AdapterWeights:
+        """Read an adapter from disk (no lock held; nothing recorded)."""
+        self.disk_reads += 1
+        return _slot_layout(read_adapter(self.store.path(adapter_id), adapter_id, self.base))
+
+    def prefetch(self, adapter_ids: list[str]) -> None:
+        """Read ahead, in a background thread, the adapters of `adapter_ids` that are in
+        neither tier (a later call's), so that call finds them in the host tier. A failed
+        read is left to that call, which reads again and reports it."""
+        if not self.host.limit:
+            return  # nowhere to put what is read ahead
         with self._lock:
-            self._check_published(wanted, False)
-            if len(wanted) > self.capacity or not self._can_hold(wanted):
-                return None
-            slots = {a: self._ensure_loaded(a, wanted) for a in wanted}
-            for slot in slots.values():
-                self._pins[slot] = self._pins.get(slot, 0) + 1
-        return slots
+            todo = [a for a in dict.fromkeys(adapter_ids) if a in self._known and a not in self._loaded
+                    and a not in self.host and a not in self._reading]
+            if not todo:
+                return
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="switchyard-adapter-read")
+            for adapter_id in todo:
+                self._reading[adapter_id] = self._reader.submit(self._read_ahead, adapter_id,
+                                                                self._generation.get(adapter_id, 0))
+
+    def _read_ahead(self, adapter_id: str, generation: int) -> None:
+        """One read ahead into the host tier (a failure is left to the call that needs it)."""
+        try:
+            signature = folder_signature(self.store.path(adapter_id))
+            weights = self._read_file(adapter_id)
+        except Exception:  # noqa: BLE001 - the call that needs it reads again and reports the error
+            weights = None
+        with self._lock:
+            self._reading.pop(adapter_id, None)
+            if weights is not None and self._generation.get(adapter_id, 0) == generation:
+                self._note(weights)
+                self.host.put(adapter_id, weights, signature)
 
     def release(self, slots: dict[str, int]) -> None:
         """Unpin what `acquire` or `try_acquire` pinned."""
@@ -345,19 +442,23 @@ class AdapterRuntime:
         evictable = sum(1 for a, s in self._loaded.items() if not self._pins.get(s) and a not in wanted)
         return missing <= len(self._free) + evictable
 
-    def _ensure_loaded(self, adapter_id: str, keep: list[str]) -> int:
-        """Slot of `adapter_id`, loading it (evicting the coldest unpinned adapter) if needed."""
+    def _ensure_loaded(self, adapter_id: str, keep: list[str], weights: AdapterWeights | None) -> int:
+        """Slot of `adapter_id`, loading `weights` (evicting the coldest unpinned adapter) if
+        it is not in one."""
         if adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
             return self._loaded[adapter_id]
-        weights = self._read(adapter_id)
         self._install_modules(weights)  # the folder may have changed since start-up
-        if not self._free:
+        if self._free:
+            slot = self._free.pop()
+        else:  # the coldest unpinned adapter's slot; `_load_into` overwrites every routed module of it
             victim = next(a for a, s in self._loaded.items() if not self._pins.get(s) and a not in keep)
             logger.debug("evicting adapter %s", victim)
-            self._free.append(self._unload(victim))
-        slot = self._free.pop()
+            slot = self._loaded.pop(victim)
+            for kept in (self._virtual, self._prefix, self._versions):
+                kept.pop(slot, None)
         self._load_into(slot, weights)
+        self.slot_loads += 1
         return slot
 
     @contextlib.contextmanager
@@ -375,3 +476,91 @@ class AdapterRuntime:
         return Route(torch.tensor(slots, dtype=torch.long, device=device),
                      virtual if any(v is not None for v in virtual) else None,
                      prefix if any(p is not None for p in prefix) else None)
+
+
+def _slot_layout(weights: AdapterWeights) -> AdapterWeights:
+    """`weights` with each low-rank A and B stored transposed in memory (same values and
+    shapes): the slots hold A.T and B.T, so a swap into a slot is a contiguous copy."""
+    for delta in weights.deltas.values():
+        if delta.A is not None:
+            delta.A = delta.A.T.contiguous().T
+            delta.B = delta.B.T.contiguous().T
+    return weights
+
+
+class HostTier:
+    """Parsed adapter weights kept in host memory, least recently used dropped first, at most
+    `limit` bytes (0: none kept). An adapter larger than the limit is not kept. Each entry
+    keeps the signature of the folder it was read from (`folder_signature`): a lookup with
+    another signature (the folder changed since) misses."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[AdapterWeights, int, tuple]] = OrderedDict()
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, adapter_id: str, signature: tuple) -> AdapterWeights | None:
+        """The adapter's weights if kept and read from the folder as it is now, else None."""
+        entry = self._entries.get(adapter_id)
+        if entry is None or entry[2] != signature:
+            return None
+        self._entries.move_to_end(adapter_id)
+        return entry[0]
+
+    def put(self, adapter_id: str, weights: AdapterWeights, signature: tuple) -> None:
+        self.drop(adapter_id)
+        size = nbytes(weights)
+        if size > self.limit:
+            return
+        while self.bytes + size > self.limit:
+            _, (_, dropped, _) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+        self._entries[adapter_id] = (weights, size, signature)
+        self.bytes += size
+
+    def drop(self, adapter_id: str) -> None:
+        entry = self._entries.pop(adapter_id, None)
+        if entry is not None:
+            self.bytes -= entry[1]
+
+
+def folder_signature(path: str | Path) -> tuple:
+    """(name, size, modification time) of each file of an adapter folder: what changes when
+    the adapter is re-saved, read without opening a file."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
+                            if e.is_file()))
+    except OSError:
+        return ()  # gone: the read that follows reports it
+
+
+def nbytes(value: object, seen: set | None = None) -> int:
+    """Bytes of the tensors reachable from `value` (dataclasses, containers, objects' fields),
+    each tensor's storage counted once."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        key = ("storage", value.untyped_storage().data_ptr())  # views of one tensor count once
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(nbytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sum(nbytes(v, seen) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name), seen) for f in fields(value))
+    if hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+        return sum(nbytes(v, seen) for v in vars(value).values())
+    if isinstance(value, nn.Module):
+        return sum(nbytes(t, seen) for t in value.state_dict().values())
+    return 0
