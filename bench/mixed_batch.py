@@ -1,14 +1,15 @@
 """Mixed-batch cost relative to the bare base model (docs/contract.md "Performance").
 
-For k = 1, 8, 32, 64 distinct adapters per batch: max(32, k) rows of 64 tokens through
-  - base:  transformers' generate(max_new_tokens=1) with the bare base model,
-  - ours:  Predictor(task="generate", max_new_tokens=1) (mixed batch, routed layers),
+For k = 1, 8, 32, 64 distinct adapters per batch and each --new-tokens count (default 1: the
+prefill; 16 and 64 add decoding steps): max(32, k) rows of 64 tokens through
+  - base:  transformers' generate(max_new_tokens=t) with the bare base model,
+  - ours:  Predictor(task="generate"), max_new_tokens=t per row (mixed batch, routed layers),
   - peft:  PEFT's own mixed batch, generate(adapter_names=...),
 tokenizing and decoding included, on a small Llama (hidden 256, 4 layers, LoRA r=16 on all
 linear layers). Repetitions are interleaved and the median of each is used, so the ratios
 are measured side by side in one run.
 
-    .venv/bin/python bench/mixed_batch.py [--reps 7] [--threads 2]
+    .venv/bin/python bench/mixed_batch.py [--reps 7] [--threads 2] [--new-tokens 1 16 64]
 """
 
 from __future__ import annotations
@@ -65,17 +66,17 @@ def prompts(tokenizer, n: int) -> list[str]:
     return out
 
 
-def run_base(model, tokenizer, texts: list[str]) -> None:
+def run_base(model, tokenizer, texts: list[str], new_tokens: int = 1) -> None:
     """transformers' own generate on the bare base model, tokenizing and decoding included."""
     enc = tokenizer(texts, return_tensors="pt", padding=True)
-    out = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def run_peft(model, tokenizer, texts: list[str], names: list[str]) -> None:
+def run_peft(model, tokenizer, texts: list[str], names: list[str], new_tokens: int = 1) -> None:
     """PEFT's mixed batch (adapter_names), tokenizing and decoding included."""
     enc = tokenizer(texts, return_tensors="pt", padding=True)
-    out = model.generate(**enc, max_new_tokens=1, do_sample=False, adapter_names=names,
+    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, adapter_names=names,
                          pad_token_id=tokenizer.pad_token_id)
     tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -93,6 +94,8 @@ def main() -> None:
     args.add_argument("--reps", type=int, default=7)
     args.add_argument("--threads", type=int, default=2)
     args.add_argument("--skip-peft", action="store_true", help="only base vs ours")
+    args.add_argument("--new-tokens", type=int, nargs="+", default=[1], help="max_new_tokens columns: 1 is the "
+                      "prefill's cost; 16 and 64 add decoding (e.g. --new-tokens 1 16 64)")
     opts = args.parse_args()
     torch.set_num_threads(opts.threads)
     from peft import PeftModel
@@ -112,15 +115,15 @@ def main() -> None:
             for name in ours.adapter_ids[1:]:
                 peft.load_adapter(f"{store}/{name}", adapter_name=name)
         print(f"torch threads {torch.get_num_threads()}, {opts.reps} interleaved reps, median seconds per batch")
-        print(f"{'adapters':>8} {'rows':>5} {'base s':>8} {'ours/base':>10} {'peft/base':>10}")
-        for k in COUNTS:
+        print(f"{'adapters':>8} {'rows':>5} {'new tokens':>10} {'base s':>8} {'ours/base':>10} {'peft/base':>10}")
+        for k, t in [(k, t) for k in COUNTS for t in opts.new_tokens]:
             n = max(32, k)
             texts = prompts(tokenizer, n)
             names = [ours.adapter_ids[i % k] for i in range(n)]
-            table = pa.table({"prompt": texts, "adapter_id": names})
-            runs = {"base": lambda: run_base(base, tokenizer, texts), "ours": lambda: ours(table)}
+            table = pa.table({"prompt": texts, "adapter_id": names, "max_new_tokens": [t] * n})
+            runs = {"base": lambda: run_base(base, tokenizer, texts, t), "ours": lambda: ours(table)}
             if peft is not None:
-                runs["peft"] = lambda: run_peft(peft, tokenizer, texts, names)
+                runs["peft"] = lambda: run_peft(peft, tokenizer, texts, names, t)
             for fn in runs.values():  # warm-up
                 timed(fn)
             times = {key: [] for key in runs}
@@ -129,7 +132,7 @@ def main() -> None:
                     times[key].append(timed(fn))
             med = {key: statistics.median(v) for key, v in times.items()}
             peft_ratio = f"{med['peft'] / med['base']:10.2f}" if "peft" in med else f"{'-':>10}"
-            print(f"{k:>8} {n:>5} {med['base']:8.3f} {med['ours'] / med['base']:10.2f} {peft_ratio}")
+            print(f"{k:>8} {n:>5} {t:>10} {med['base']:8.3f} {med['ours'] / med['base']:10.2f} {peft_ratio}")
 
 
 if __name__ == "__main__":
