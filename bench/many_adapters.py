@@ -15,7 +15,11 @@ warm-up batch each:
 It prints rows/s of each, their ratio (the target is >= 0.8), and checks that every row's
 output is equal between the two.
 
-    .venv/bin/python bench/many_adapters.py [--adapters 1000] [--resident 64] [--batches 12]
+With --job-rows N it also runs the batch job (2 actors, 64 slots each) on N rows, sorted by
+adapter (`--cluster-by-adapter on`) and not (`off`), against the tiered Predictor in a
+plain loop over the same rows.
+
+    .venv/bin/python bench/many_adapters.py [--adapters 1000] [--resident 64] [--batches 12] [--job-rows 4096]
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--adapter-cache-mb", type=int, default=None, help="the tiered Predictor's host tier (default: "
                    "its default)")
+    p.add_argument("--job-rows", type=int, default=0, help="also run the batch job (2 actors, --max-loaded-adapters "
+                   "--resident) on this many rows, sorted by adapter and not, against the tiered Predictor in a "
+                   "plain loop over the same rows (0: skip)")
     return p.parse_args(argv)
 
 
@@ -66,6 +73,50 @@ def build_store(root: Path, n: int) -> tuple[str, str]:
                   str(folder / "adapter_model.safetensors"))
     first.rename(Path(store) / "a0000")
     return model, store
+
+
+def run_jobs(root: Path, model: str, store: str, names: list[str], texts: list[str], predictor,
+             args: argparse.Namespace) -> dict:
+    """The batch job sorted by adapter (`on`) and streaming (`off`), and the same rows
+    through `predictor` in a plain loop of 64-row batches: rows/s of each."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.config import config_from_args
+    from pipeline.job import run
+
+    rng = random.Random(1)
+    n = args.job_rows
+    table = pa.table({"id": list(range(n)), "prompt": [texts[rng.randrange(len(texts))] for _ in range(n)],
+                      "adapter_id": [rng.choice(names) for _ in range(n)]})
+    pq.write_table(table, root / "job.parquet")
+    started = time.perf_counter()
+    loop = {}
+    for start in range(0, n, 64):
+        out = predictor(table.slice(start, 64))
+        loop.update(zip(out.column("id").to_pylist(), out.column("generated_text").to_pylist()))
+    results = {"plain loop (tiered Predictor)": {"rows/s": round(n / (time.perf_counter() - started), 1)}}
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for mode in ("on", "off"):
+            summary = run(config_from_args([
+                "--model", model, "--adapters", store, "--task", "generate", "--input", str(root / "job.parquet"),
+                "--output", str(root / f"out-{mode}"), "--concurrency", "2", "--num-cpus", "0.5", "--num-threads", "1",
+                "--max-loaded-adapters", str(args.resident), "--no-canary", "--max-new-tokens", "1",
+                "--cluster-by-adapter", mode, "--quick-adapter-check"]))
+            rows = pads.dataset(str(root / f"out-{mode}"), format="parquet").to_table().to_pylist()
+            same = sum(loop.get(r["id"]) == r["generated_text"] for r in rows)
+            name = f"job, --cluster-by-adapter {mode}"
+            results[name] = {"rows/s": round(n / summary.seconds, 1), "steady rows/s": round(summary.steady_rate or 0, 1),
+                             "first output s": round(summary.startup_seconds or 0, 1), "equal to the loop": f"{same}/{n}"}
+    finally:
+        ray.shutdown()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         same = sum(a == b for x, y in zip(outputs["resident"], outputs["tiered"])
                    for a, b in zip(x["generated_text"], y["generated_text"]))
         errors = sum(e is not None for out in outputs["tiered"] for e in out["error"])
+        jobs = run_jobs(Path(tmp), model, store, names, texts, predictors["tiered"], args) if args.job_rows else {}
         runtime = predictors["tiered"].runtime
         tiers = {"slot_loads": runtime.slot_loads, "disk_reads": runtime.disk_reads,
                  "host_tier_adapters": len(runtime.host), "host_tier_mib": round(runtime.host.bytes / 2**20)}
@@ -118,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiered runtime since start-up: {json.dumps(tiers)}")
     print(f"tiered / resident rows/s: {rates['tiered'] / rates['resident']:.2f} (target >= 0.8)")
     print(f"outputs equal row for row: {same}/{rows}; errors in tiered rows: {errors}")
+    if jobs:
+        print(f"\nbatch job, {args.job_rows} rows, 2 actors (0.5 CPU, 1 torch thread each), --max-loaded-adapters "
+              f"{args.resident}, --no-canary; plain loop: the tiered Predictor (2 threads) over the same rows")
+        for name, figures in jobs.items():
+            print(f"{name:<28} " + ", ".join(f"{k} {v}" for k, v in figures.items()))
     return 0 if same == rows and not errors else 1
 
 

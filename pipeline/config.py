@@ -43,6 +43,8 @@ class JobConfig:
         overwrite: replace the output folder's files instead of refusing a non-empty one.
         quick_adapter_check: check adapters on the driver from their safetensors headers only
             (the actors still read and check every value).
+        cluster_by_adapter: sort rows by adapter before the actor pool (pipeline/cluster.py):
+            auto (when the store holds more adapters than --max-loaded-adapters), on, off.
         options: Predictor options (MODEL_OPTIONS: PredictorConfig's fields).
     """
 
@@ -67,11 +69,14 @@ class JobConfig:
     id_column: str | None = None
     overwrite: bool = False
     quick_adapter_check: bool = False
+    cluster_by_adapter: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.task in TASKS, f"--task ({self.task!r}) must be one of {', '.join(TASKS)}")
         require(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
+        require(self.cluster_by_adapter in ("auto", "on", "off"),
+                f"--cluster-by-adapter ({self.cluster_by_adapter!r}) must be auto, on or off")
         require(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
         require(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
         require(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
@@ -146,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick-adapter-check", action="store_true", default=None,
                    help="check adapters up front from their safetensors headers only, not every value (NaN/inf); "
                         "the actors still check values when they load them")
+    p.add_argument("--cluster-by-adapter", metavar="{auto,on,off}", help="sort rows by adapter before the actors "
+                   "(fan-out rows expanded first), so each batch names few adapters: auto (default) does it on GPU "
+                   "actors when the store holds more adapters than --max-loaded-adapters and the input has at least "
+                   "16 rows per adapter; it reads the whole input before the first batch runs (Ray Data's sort)")
     add_flags(p, PredictorConfig, skip={"model", "adapters", "task", "num_threads"})
     return p
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from actors.config import INPUT_COLUMNS, output_schema
+from pipeline import cluster
 from pipeline.config import JobConfig
 from pipeline.read import InputFiles, block_rows, open_input, read_input
 from pipeline.validate import column_renames, renamed, validate_adapters, validate_job
@@ -141,7 +142,8 @@ def run(config: JobConfig) -> Summary:
 
         every = 0.0 if sys.stderr.isatty() else config.progress_seconds  # a terminal shows Ray Data's bars
         progress = Progress(output.staging, rows_in, every)
-        _infer_on_ray(config, input_files, output, joined, renames, rows_in, checkpoint, progress, run_state)
+        _infer_on_ray(config, input_files, output, joined, renames, rows_in, checkpoint, progress, run_state,
+                      len(adapter_ids))
     ended = time.time()
     if checkpoint is not None:
         run_state.dropped = resume.reconcile(config, checkpoint, output)
@@ -168,7 +170,7 @@ class _RunState:
 
 
 def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, joined: bool,
-                  renames: dict[str, str], rows: int, checkpoint, progress, state: _RunState) -> None:
+                  renames: dict[str, str], rows: int, checkpoint, progress, state: _RunState, adapters: int) -> None:
     """read -> infer -> write (into the output's staging folder) on Ray Data; the input column
     named by `--prompt-column` (or the text or image one) keeps its name in the output. With a
     checkpoint, the rows an earlier run wrote are skipped and each write task commits its ids."""
@@ -187,6 +189,13 @@ def _infer_on_ray(config: JobConfig, input_files: InputFiles, output: Output, jo
         per_block = config.rows_per_block or block_rows(rows, 2 * config.concurrency,
                                                         max(config.batch_size, BLOCK_ROWS))
         dataset = read_input(config.input, per_block, renames=renames, limit=config.limit, keep=keep)
+        slots = config.options.get("max_loaded_adapters")
+        if cluster.wanted(config.cluster_by_adapter, adapters, slots, renamed(input_files.schema, renames), rows,
+                          config.num_gpus):
+            logger.info("sorting rows by adapter before the actors (%d adapters, %s slots per actor; "
+                        "--cluster-by-adapter off to keep streaming): the whole input is read first", adapters,
+                        slots if slots is not None else "all")
+            dataset = cluster.by_adapter(dataset, max(1, -(-rows // per_block)))
         from pipeline.infer import infer, start_ledger
 
         ledger = start_ledger()
