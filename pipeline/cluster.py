@@ -13,18 +13,13 @@ keeps the streaming order.
 
 from __future__ import annotations
 
-import logging
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.config import ADAPTER_ID, ADAPTER_IDS, fan_out_adapters
 
-logger = logging.getLogger(__name__)
 KEY = "__switchyard_adapter"  # the sort key: the adapter id, "" for the base model
 MODES = ("auto", "on", "off")
-
-
 ROWS_PER_ADAPTER = 16  # `auto` sorts inputs with at least this many rows per adapter on average
 
 

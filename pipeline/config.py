@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.config import DEVICES, DTYPES, INPUT_COLUMNS, TASKS, PredictorConfig, require
+from pipeline.cluster import MODES as CLUSTER_MODES
 from actors.options import add_flags, field_type
 
 # Predictor options the job passes through: every PredictorConfig option but the thread count,
@@ -75,7 +76,7 @@ class JobConfig:
     def __post_init__(self) -> None:
         require(self.task in TASKS, f"--task ({self.task!r}) must be one of {', '.join(TASKS)}")
         require(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
-        require(self.cluster_by_adapter in ("auto", "on", "off"),
+        require(self.cluster_by_adapter in CLUSTER_MODES,
                 f"--cluster-by-adapter ({self.cluster_by_adapter!r}) must be auto, on or off")
         require(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
         require(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")

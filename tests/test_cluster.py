@@ -53,6 +53,7 @@ def test_rows_sorted_by_adapter_equal_peft(ray_cluster, llama, tmp_path, caplog)
     assert len(files) > 1 and len({a or "" for f in files for a in f.column("adapter_id").to_pylist()}) == 8
 
 
+@pytest.mark.slow  # the expansion itself: test_expand_matches_the_predictors_fan_out
 def test_fan_out_rows_are_expanded_before_sorting(ray_cluster, llama, tmp_path):
     """`adapter_ids` lists (base entries as null or "", an empty list or null for the base
     alone): one output row per named adapter, as the actors expand them, each equal to PEFT."""
