@@ -61,6 +61,7 @@ class Route:
         self.distinct = distinct - {0}
         self._expanded: dict[int, torch.Tensor] = {self.batch_size: slots}
         self._members: dict[tuple[int, int], torch.Tensor | slice] = {}
+        self.ranks: dict[int, int] = {}  # id(layer) -> the largest rank among this call's slots there
         self._spans = _spans(listed)  # slot -> (start, stop) where its rows are contiguous
         self._gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n) -> it, rows
         self._gathered_bytes = 0
@@ -218,6 +219,8 @@ class _LowRankBase(nn.Module):
         self.stack = _Stack(ref.new_zeros(n_slots, d_in, rank), ref.new_zeros(n_slots, rank, d_out),
                             ref.new_zeros(n_slots, d_out) if bias else None)
         self.usage = _Usage()
+        self._ranks: dict[int, int] = {}  # slot -> its adapter's rank here (0 or absent: none)
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(A), r) -> A, B cut to r
 
     @property
     def used(self) -> frozenset[int]:
@@ -252,6 +255,7 @@ class _LowRankBase(nn.Module):
     def assign(self, slot: int, delta: ModuleDelta | None) -> None:
         """Write one adapter's weights into `slot`, or clear it (the slot must not be in use)."""
         stack = self.stack
+        self._ranks[slot] = 0 if delta is None else delta.rank  # a call reads only its own (pinned) slots' ranks
         if self._same_terms(slot, delta):  # a LoRA over a LoRA (swapping adapters): the tensors only
             if delta.rank < stack.A.shape[2]:  # the ranks it does not fill must be zero
                 stack.A[slot].zero_()
@@ -336,16 +340,37 @@ class _LowRankBase(nn.Module):
             return out3.mul_(scale)
         return torch.addcmul(self._per_row(stack.shift, route, n), out3, scale)
 
-    def _add_delta(self, out3: torch.Tensor, h: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
-        """out3 += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r], out3 [N, T, out].
+    def _cut(self, stack: _Stack, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B cut to the largest rank among the call's slots: a row of a smaller rank is
+        zero past its rank, so the cut changes no output, and one r=256 adapter in the store
+        no longer makes every r=8 call pay for rank 256."""
+        r = route.ranks.get(id(self))
+        if r is None:
+            ranks = self._ranks
+            r = route.ranks[id(self)] = max((ranks.get(s, 0) for s in route.distinct), default=0)
+        if r >= stack.rank or r == 0:
+            return stack.A, stack.B
+        key = (id(stack.A), r)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) >= 8:
+                self._views = {}
+            views = self._views[key] = (stack.A[:, :, :r], stack.B[:, :r])  # kept: gathers memoise by id
+        return views
+
+    def _add_delta(self, out3: torch.Tensor, h: torch.Tensor, route: Route, stack: _Stack,
+                   B: torch.Tensor | None = None) -> torch.Tensor:
+        """out3 += h @ B[slot] (+ bias[slot]) per row, in place; h [N, T, r], out3 [N, T, out]
+        (B: the stack's, or cut to h's rank).
 
         `out3` is a fresh output of this layer, so accumulating into it saves a copy."""
+        B = stack.B if B is None else B
         out3 = out3 if out3.is_contiguous() else out3.contiguous()
         if route.uniform is not None:
             s = route.uniform
-            out3.view(-1, self.d_out).addmm_(h.reshape(-1, stack.rank), stack.B[s])
+            out3.view(-1, self.d_out).addmm_(h.reshape(-1, h.shape[-1]), B[s])
         else:
-            out3.baddbmm_(h, route.gather(stack.B, out3.shape[0]))
+            out3.baddbmm_(h, route.gather(B, out3.shape[0]))
         if stack.bias is not None:
             out3 += self._per_row(stack.bias, route, out3.shape[0])
         return out3
@@ -382,11 +407,12 @@ class LowRankLinear(_LowRankBase):
                                   stack, usage)
         xs = x3.to(stack.A.dtype)
         if not usage.lowrank.isdisjoint(route.distinct):
+            A, B = self._cut(stack, route)
             if route.uniform is not None:
-                h = xs @ stack.A[route.uniform]  # [N, T, r]
+                h = xs @ A[route.uniform]  # [N, T, r]
             else:
-                h = torch.bmm(xs, route.gather(stack.A, n))  # [N, T, r]
-            out3 = self._add_delta(out3, h, route, stack)
+                h = torch.bmm(xs, route.gather(A, n))  # [N, T, r]
+            out3 = self._add_delta(out3, h, route, stack, B)
         for rows, op in _grouped(usage.add_ops, route, n):
             if rows is None:
                 out3 = out3 + op(xs).to(out3.dtype)

@@ -187,3 +187,26 @@ def test_a_slow_disk_read_does_not_stall_other_calls(store4, monkeypatch):
     release.set()
     waiting.join(60)
     _assert_oracle(model, store, result["slow"], 2)
+
+
+def test_a_call_pays_only_for_the_largest_rank_among_its_rows(llama, tmp_path):
+    """A store with r=2 and r=48 adapters on the same module: a call whose rows use only the
+    r=2 one multiplies by A and B cut to rank 2, and every row still equals PEFT alone,
+    alone or beside the r=48 rows."""
+    from actors.layers import Route
+
+    model = llama[0]
+    store = tmp_path / "store"
+    for seed, (name, r) in enumerate([("small", 2), ("big", 48)], start=61):
+        save_adapter(model, store, name, LoraConfig(r=r, lora_alpha=8, init_lora_weights=False,
+                                                    target_modules=["q_proj", "v_proj"]),
+                     model_class=AutoModelForCausalLM, seed=seed)
+    p = Predictor(model=model, adapters=str(store), task="generate", max_new_tokens=3)
+    layer = next(iter(p.runtime.lowrank_layers.values()))
+    slots = dict(zip(p.runtime.loaded_ids, [p.runtime._loaded[a] for a in p.runtime.loaded_ids]))
+    A, B = layer._cut(layer.stack, Route(torch.tensor([slots["small"], 0, slots["small"]])))
+    assert (A.shape[2], B.shape[1], layer.stack.rank) == (2, 2, 48)
+    A, _ = layer._cut(layer.stack, Route(torch.tensor([slots["small"], slots["big"]])))
+    assert A.shape[2] == 48
+    _assert_oracle(model, str(store), p(_rows(["small", None, "small"])))
+    _assert_oracle(model, str(store), p(_rows(["small", "big", None, "big", "small"])))
