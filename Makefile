@@ -24,7 +24,9 @@ test-all: $(STAMP)
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q -m "slow or not slow" $(ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/mixed_batch.py
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) bench/mixed_batch.py --new-tokens 1 16 --json bench/mixed_batch.json
+	$(PY) bench/plot_mixed_batch.py bench/mixed_batch.json bench/mixed_batch.png
 	$(PY) bench/pipeline.py
 
 clean:

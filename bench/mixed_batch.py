@@ -9,7 +9,7 @@ tokenizing and decoding included, on a small Llama (hidden 256, 4 layers, LoRA r
 linear layers). Repetitions are interleaved and the median of each is used, so the ratios
 are measured side by side in one run.
 
-    .venv/bin/python bench/mixed_batch.py [--reps 7] [--threads 2] [--new-tokens 1 16 64]
+    .venv/bin/python bench/mixed_batch.py [--reps 7] [--threads 2] [--new-tokens 1 16 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main() -> None:
     args.add_argument("--skip-peft", action="store_true", help="only base vs ours")
     args.add_argument("--new-tokens", type=int, nargs="+", default=[1], help="max_new_tokens columns: 1 is the "
                       "prefill's cost; 16 and 64 add decoding (e.g. --new-tokens 1 16 64)")
+    args.add_argument("--json", help="also write the medians to this JSON file (bench/plot_mixed_batch.py plots it)")
     opts = args.parse_args()
     torch.set_num_threads(opts.threads)
     from peft import PeftModel
@@ -116,6 +117,7 @@ def main() -> None:
                 peft.load_adapter(f"{store}/{name}", adapter_name=name)
         print(f"torch threads {torch.get_num_threads()}, {opts.reps} interleaved reps, median seconds per batch")
         print(f"{'adapters':>8} {'rows':>5} {'new tokens':>10} {'base s':>8} {'ours/base':>10} {'peft/base':>10}")
+        results = []
         for k, t in [(k, t) for k in COUNTS for t in opts.new_tokens]:
             n = max(32, k)
             texts = prompts(tokenizer, n)
@@ -133,6 +135,12 @@ def main() -> None:
             med = {key: statistics.median(v) for key, v in times.items()}
             peft_ratio = f"{med['peft'] / med['base']:10.2f}" if "peft" in med else f"{'-':>10}"
             print(f"{k:>8} {n:>5} {t:>10} {med['base']:8.3f} {med['ours'] / med['base']:10.2f} {peft_ratio}")
+            results.append({"adapters": k, "rows": n, "new_tokens": t, **{f"{key}_s": v for key, v in med.items()}})
+        if opts.json:
+            import json
+
+            Path(opts.json).write_text(json.dumps({"reps": opts.reps, "threads": opts.threads, "results": results},
+                                                  indent=1))
 
 
 if __name__ == "__main__":
