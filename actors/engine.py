@@ -391,7 +391,7 @@ class DecodeEngine:
         """The engine's counters (for /v1/stats)."""
         return {"steps": self.steps, "rows_started": self.rows_started, "rows_joined": self.rows_joined,
                 "rows_cancelled": self.rows_cancelled,
-                "live_rows": len(self._live) - self._finished, "max_step_rows": self.max_rows,
+                "live_rows": self.live_rows, "max_step_rows": self.max_rows,
                 "max_step_adapters": self.max_adapters}
 
     def _fail_all(self, error: Exception, new: list[_Live]) -> None:
@@ -421,17 +421,6 @@ def _held_back(text: str, stop: list[str]) -> int:
     """How many characters at the end of `text` could be the start of a stop string."""
     return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
                default=0)
-
-
-def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
-    """`x` ([B, T] or [B, H, T, D]) with zeros in front of its positions up to `width`."""
-    dim = 1 if x.dim() == 2 else 2
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:

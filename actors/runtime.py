@@ -120,7 +120,7 @@ class AdapterRuntime:
 
     def _read(self, adapter_id: str) -> AdapterWeights:
         """Read one adapter against the untouched base model."""
-        weights = _slot_layout(read_adapter(self.store.path(adapter_id), adapter_id, self.base))
+        weights = self._parse(adapter_id)
         self._note(weights)
         return weights
 
@@ -390,6 +390,10 @@ class AdapterRuntime:
     def _read_file(self, adapter_id: str) -> AdapterWeights:
         """Read an adapter from disk (no lock held; nothing recorded)."""
         self.disk_reads += 1
+        return self._parse(adapter_id)
+
+    def _parse(self, adapter_id: str) -> AdapterWeights:
+        """An adapter's folder read against the untouched base model, in the slots' layout."""
         return _slot_layout(read_adapter(self.store.path(adapter_id), adapter_id, self.base))
 
     def prefetch(self, adapter_ids: list[str]) -> None:
@@ -534,8 +538,8 @@ def folder_signature(path: str | Path) -> tuple:
     """(name, size, modification time) of each file of an adapter folder: what changes when
     the adapter is re-saved, read without opening a file."""
     try:
-        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path)
-                            if e.is_file()))
+        stats = ((e.name, e.stat()) for e in os.scandir(path) if e.is_file())
+        return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
     except OSError:
         return ()  # gone: the read that follows reports it
 

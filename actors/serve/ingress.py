@@ -64,6 +64,12 @@ RESTART_PROBE_INTERVAL_S = 0.5
 # Defined above the deployment class: defined below it, it was missing in the replica (a NameError
 # there): the class, wrapped by `serve.ingress`, travels by value with the globals it saw
 # (docs/pitfalls.md "Ray Serve").
+def _restarting_reply() -> Reply:
+    """503 while the only model replica restarts after it stopped."""
+    return ApiError(503, "the model replica is restarting after it stopped; retry after Retry-After seconds",
+                    "replica_unavailable").reply()
+
+
 def model_failure(error: Exception) -> ApiError:
     """The answer to a request whose call to a model replica failed, rather than the request.
 
@@ -171,10 +177,8 @@ class SwitchyardIngress:
         error, or 200: then its server-sent events follow). When the client goes away,
         Starlette stops the body, and cancelling the handle's stream takes the request's
         rows out of the replica's batch."""
-        if self._restart is not None and not self._restart.done():
-            reply = ApiError(503, "the model replica is restarting after it stopped; retry after Retry-After seconds",
-                             "replica_unavailable").reply()
-            return self._answered(endpoint, reply, started)
+        if self._restarting():
+            return self._answered(endpoint, _restarting_reply(), started)
         events = self.model.options(stream=True).answer_stream.remote(endpoint, data)
         try:
             head = await events.__anext__()
@@ -214,10 +218,8 @@ class SwitchyardIngress:
         """Call `method` of a model replica; a failed call (not a failed request) gets `model_failure`.
         While the only model replica restarts after dying, calls get 503 at once instead of
         waiting for its successor (which may take as long as loading the model)."""
-        if self._restart is not None and not self._restart.done():
-            reply = ApiError(503, "the model replica is restarting after it stopped; retry after Retry-After seconds",
-                             "replica_unavailable").reply()
-            return self._answered(endpoint, reply, started)
+        if self._restarting():
+            return self._answered(endpoint, _restarting_reply(), started)
         try:
             reply = await getattr(self.model, method).remote(*args)
         except Exception as e:  # noqa: BLE001 - the replica died, the queue is full, or a bug: answered in JSON
@@ -226,6 +228,10 @@ class SwitchyardIngress:
                 self._restart = asyncio.get_running_loop().create_task(self._until_a_replica_answers())
             reply = model_failure(e).reply()
         return self._answered(endpoint, reply, started)
+
+    def _restarting(self) -> bool:
+        """Whether the only model replica is restarting (calls get 503 at once meanwhile)."""
+        return self._restart is not None and not self._restart.done()
 
     async def _until_a_replica_answers(self) -> None:
         """Poll a model replica (its cheap stats) until one answers: Serve's successor is up."""

@@ -252,11 +252,10 @@ class SwitchyardModel:
             ApiError: 400 for more inputs than max_pending_rows, 503 while too many are
                 pending, or the error of a failed model call.
         """
-        if self.task == "generate":
-            self._check_engine(work)
+        self._check_engine(work)  # only generation work sets stream, n or logprobs
         self._admit(work.rows)
         try:
-            if self.engine is not None and self.task == "generate":
+            if self.engine is not None:  # a continuous batcher exists for task generate only
                 request = EngineRequest(self.engine, work, endpoint)
                 try:
                     await request.start()

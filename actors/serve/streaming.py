@@ -41,10 +41,10 @@ class EngineRequest:
         loop = asyncio.get_running_loop()
         encoded = await asyncio.to_thread(self._encode_all)
         work, options = self.work, self.work.options
+        seed = options.get("seed")
         for i, (value, row) in enumerate(encoded):
             for k in range(work.copies):
                 index = i * work.copies + k
-                seed = options.get("seed")
                 self.requests.append(RowRequest(
                     value, work.adapter, self._sink(loop, index), _params(work, i), options.get("top_p"),
                     None if seed is None else seed + k, options.get("stop"), work.logprobs, work.stream, row))
