@@ -63,8 +63,9 @@ class Route:
         self._members: dict[tuple[int, int], torch.Tensor | slice] = {}
         self.ranks: dict[int, int] = {}  # id(layer) -> the largest rank among this call's slots there
         self._spans = _spans(listed)  # slot -> (start, stop) where its rows are contiguous
-        self._gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n) -> it, rows
+        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n or "groups") -> it, rows
         self._gathered_bytes = 0
+        self._groups: dict[int, Groups | None] = {}
 
     def rows(self, n: int) -> torch.Tensor:
         """Slot per leading row when a module sees `n` rows; models that unfold each batch
@@ -92,22 +93,79 @@ class Route:
 
 
     def gather(self, table: torch.Tensor, n: int) -> torch.Tensor:
-        """Each of `n` leading rows' entry of a per-slot stack `table` [S, ...]: [n, ...].
+        """Each of `n` leading rows' entry of a per-slot stack `table` [S, ...]: [n, ...]."""
+        return self._memo(table, n, self.rows)
+
+    def gather_groups(self, table: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Each group's entry of a per-slot stack `table` [S, ...]: [k, ...] (`groups(n)`)."""
+        return self._memo(table, ("groups", groups.rows), lambda _: groups.slots)
+
+    def _memo(self, table: torch.Tensor, what, index) -> torch.Tensor:
+        """`table.index_select(0, index(what))`, kept for the route's later calls.
 
         The first call of a route gathers; later calls (generate's decoding steps run under
         one route) reuse it while the gathered tensors fit GATHER_MEMO_BYTES. The stacks'
         rows of slots in use are never written while a call runs (the runtime pins them), and
         the memo keeps the stack it gathered from alive, so its id cannot be reused."""
-        key = (id(table), n)
+        key = (id(table), what)
         hit = self._gathered.get(key)
         if hit is not None:
             return hit[1]
-        rows = table.index_select(0, self.rows(n))
+        rows = table.index_select(0, index(what))
         size = rows.numel() * rows.element_size()
         if self._gathered_bytes + size <= GATHER_MEMO_BYTES:
             self._gathered[key] = (table, rows)
             self._gathered_bytes += size
         return rows
+
+    def groups(self, n: int) -> Groups | None:
+        """The `n` leading rows as groups of one slot each (see `Groups`), or None when
+        padding the groups to one size would more than double the rows (the per-row form is
+        then cheaper); computed once per call."""
+        if n not in self._groups:
+            self._groups[n] = Groups.of(self.rows(n).tolist(), self.slots.device)
+        return self._groups[n]
+
+
+@dataclass(frozen=True, eq=False)
+class Groups:
+    """A call's rows laid out as k groups of m rows, each group one slot (SGMV's layout): a
+    low-rank term then reads each distinct adapter's A and B once per call, not once per row,
+    which is what a decoding step (one token per row) pays for.
+
+    Row `pad[g * m + j]` is the j-th row of group g (groups shorter than m repeat their last
+    row; those copies are computed and dropped); row i's result is at `pos[i]` of the grouped
+    output. Both are None when the rows already lie in that order (rows sorted by adapter in
+    groups of equal size, or every row its own adapter): then the layout is a view.
+    """
+
+    slots: torch.Tensor  # [k], each group's slot
+    m: int
+    rows: int  # n, the rows it lays out
+    pad: torch.Tensor | None  # [k * m] row per grouped position
+    pos: torch.Tensor | None  # [n] grouped position per row
+
+    @property
+    def k(self) -> int:
+        return self.slots.shape[0]
+
+    @staticmethod
+    def of(slots: list[int], device: torch.device) -> Groups | None:
+        members: dict[int, list[int]] = {}
+        for i, slot in enumerate(slots):
+            members.setdefault(slot, []).append(i)
+        k, m = len(members), max(len(rows) for rows in members.values())
+        if k * m > 2 * len(slots):
+            return None
+        pad = [row for rows in members.values() for row in rows + rows[-1:] * (m - len(rows))]
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        if pad == list(range(len(slots))):
+            return Groups(as_tensor(list(members)), m, len(slots), None, None)
+        pos = [0] * len(slots)
+        for g, rows in enumerate(members.values()):
+            for j, row in enumerate(rows):
+                pos[row] = g * m + j
+        return Groups(as_tensor(list(members)), m, len(slots), as_tensor(pad), as_tensor(pos))
 
 
 def _spans(slots: list[int]) -> dict[int, tuple[int, int]]:
@@ -193,10 +251,12 @@ class _Usage:
     add_ops: tuple[tuple[int, object], ...] = ()
     shifted: frozenset[int] = frozenset()  # out_scale slots whose shift is not zero (a kept bias)
     any: frozenset[int] = field(init=False)  # every slot with a term here; read by every forward
+    plain: bool = field(init=False)  # low-rank terms only: no scales, no ops
 
     def __post_init__(self) -> None:
         ops = {slot for slot, _ in self.in_ops + self.add_ops}
         object.__setattr__(self, "any", self.lowrank | self.in_scale | self.out_scale | ops)
+        object.__setattr__(self, "plain", not (self.in_scale or self.out_scale or ops))
 
     def without(self, slot: int) -> _Usage:
         return _Usage(self.lowrank - {slot}, self.in_scale - {slot}, self.out_scale - {slot},
@@ -394,25 +454,23 @@ class LowRankLinear(_LowRankBase):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         stack, usage = self.stack, self.usage  # read once: a concurrent resize swaps them whole
-        route = current_route()
-        if not self._active(route, usage):
+        route = _ROUTE.get()
+        if route is None or usage.any.isdisjoint(route.distinct):
             return self.base_layer(x, *args, **kwargs)
         if x.dim() < 2:
             raise RuntimeError("a routed module received an input without a batch dimension; Switchyard cannot "
                                "route this model")
         n = x.shape[0]
         x3 = x.reshape(n, -1, self.d_in)  # [N, T, in]
+        if usage.plain and x.dtype == stack.A.dtype:  # low-rank terms only (LoRA, VeRA, ...): every decoding step
+            out3 = self.base_layer(x, *args, **kwargs).reshape(n, -1, self.d_out)
+            return self._add_lowrank(out3, x3, route, stack).reshape(*x.shape[:-1], self.d_out)
         x_in = self._transform_input(x3, route, stack, usage)
         out3 = self._scale_output(self.base_layer(x_in.reshape(x.shape).to(x.dtype), *args, **kwargs), route,
                                   stack, usage)
         xs = x3.to(stack.A.dtype)
         if not usage.lowrank.isdisjoint(route.distinct):
-            A, B = self._cut(stack, route)
-            if route.uniform is not None:
-                h = xs @ A[route.uniform]  # [N, T, r]
-            else:
-                h = torch.bmm(xs, route.gather(A, n))  # [N, T, r]
-            out3 = self._add_delta(out3, h, route, stack, B)
+            out3 = self._add_lowrank(out3, xs, route, stack)
         for rows, op in _grouped(usage.add_ops, route, n):
             if rows is None:
                 out3 = out3 + op(xs).to(out3.dtype)
@@ -421,6 +479,34 @@ class LowRankLinear(_LowRankBase):
             else:
                 out3 = out3.index_add(0, rows, op(xs.index_select(0, rows)).to(out3.dtype))
         return out3.reshape(*x.shape[:-1], self.d_out)
+
+    def _add_lowrank(self, out3: torch.Tensor, xs: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
+        """out3 += (x @ A[slot]) @ B[slot] (+ bias[slot]) per row: one matmul pair for a call of
+        one adapter, else grouped by adapter (`Groups`), else per row."""
+        A, B = self._cut(stack, route)
+        if route.uniform is not None:
+            return self._add_delta(out3, xs @ A[route.uniform], route, stack, B)  # [N, T, r]
+        groups = route.groups(xs.shape[0])
+        if groups is not None:
+            return self._add_grouped(out3, xs, route, groups, stack, A, B)
+        return self._add_delta(out3, torch.bmm(xs, route.gather(A, xs.shape[0])), route, stack, B)
+
+    def _add_grouped(self, out3: torch.Tensor, xs: torch.Tensor, route: Route, groups: Groups, stack: _Stack,
+                     A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """out3 += (x @ A[slot]) @ B[slot] (+ bias[slot]) per row, in `groups`' layout: one
+        bmm over the k groups for each of A and B."""
+        k, m, t = groups.k, groups.m, xs.shape[1]
+        Ag, Bg = route.gather_groups(A, groups), route.gather_groups(B, groups)
+        out3 = out3 if out3.is_contiguous() else out3.contiguous()
+        if groups.pad is None:
+            h = torch.bmm(xs.reshape(k, m * t, self.d_in), Ag)  # [k, m*T, r]
+            out3.view(k, m * t, self.d_out).baddbmm_(h, Bg)
+        else:
+            h = torch.bmm(xs.index_select(0, groups.pad).view(k, m * t, self.d_in), Ag)
+            out3 += torch.bmm(h, Bg).view(k * m, t, self.d_out).index_select(0, groups.pos).to(out3.dtype)
+        if stack.bias is not None:
+            out3 += self._per_row(stack.bias, route, out3.shape[0])
+        return out3
 
     def _transform_input(self, x3: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
         """x' per row: in_scale[slot] * x (IA3 feed-forward), in_op[slot](x) (OFT, BOFT)."""
