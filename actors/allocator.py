@@ -1,16 +1,17 @@
-"""Which memory allocator the model-holding processes run with.
+"""Which memory allocator the model-holding processes run with (`--allocator`).
 
 glibc's malloc returns and re-requests the memory of the many short-lived tensors of each
-model call; tcmalloc keeps it in per-thread caches. vLLM's CPU docs advise preloading it, and
-on the bench Llama it made the bare base model and Switchyard's mixed batch about 10% faster
-(bench/RESULTS.md, "Allocator"). An allocator must be chosen when a process starts
-(`LD_PRELOAD`), so Switchyard sets it in the runtime_env of the processes it starts: the
-batch job's actors and Serve's model replicas.
+model call; tcmalloc keeps it in per-thread caches, and vLLM's CPU docs advise preloading it.
+On the 2-core development machine it made no measurable difference, to the model calls in
+one process or to the batch job (bench/allocator.py, bench/pipeline.py --allocators;
+bench/RESULTS.md "Allocator"), so the default stays glibc's. An allocator must be chosen when
+a process starts (`LD_PRELOAD`), so Switchyard sets it in the runtime_env of the processes it
+starts: the batch job's actors and Serve's model replicas.
 
-    auto      tcmalloc when its library is installed (Debian/Ubuntu: libgoogle-perftools4
-              or libtcmalloc-minimal4), else the system allocator
+    system    the system allocator (glibc malloc), the default
+    auto      tcmalloc when its library is installed (Debian/Ubuntu: libtcmalloc-minimal4,
+              or libgoogle-perftools4), else the system allocator
     tcmalloc  tcmalloc, or refuse to start when it is not installed
-    system    the system allocator (glibc malloc)
 """
 
 from __future__ import annotations

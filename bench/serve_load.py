@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (greedy)")
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01, help="the server's batch wait")
     p.add_argument("--batchers", nargs="+", default=["coalescer", "serve.batch"], help="batchers to compare")
+    p.add_argument("--allocator", default="system", choices=["auto", "tcmalloc", "system"],
+                   help="the model replica's memory allocator")
     return p.parse_args(argv)
 
 
@@ -125,7 +127,8 @@ def measure(url: str, model: str, store: str, patterns: dict, args: argparse.Nam
 
     serve.run(build_app({"model": model, "adapters": store, "task": "generate", "num_cpus": 1, "batcher": batcher,
                          "max_new_tokens": args.max_tokens, "max_batch_size": args.concurrency,
-                         "batch_wait_timeout_s": args.batch_wait_timeout_s}), name="bench", route_prefix="/")
+                         "batch_wait_timeout_s": args.batch_wait_timeout_s, "allocator": args.allocator}),
+              name="bench", route_prefix="/")
     base, results = Path(model).name, {}
     for name, rows in patterns.items():
         asyncio.run(load(url, base, rows[: 2 * args.concurrency], args.concurrency, args.max_tokens))  # warm-up

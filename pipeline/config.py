@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.allocator import ALLOCATORS
 from actors.config import DEVICES, DTYPES, INPUT_COLUMNS, TASKS, PredictorConfig, require
 from pipeline.cluster import MODES as CLUSTER_MODES
 from actors.options import add_flags, field_type
@@ -46,6 +47,7 @@ class JobConfig:
             (the actors still read and check every value).
         cluster_by_adapter: sort rows by adapter before the actor pool (pipeline/cluster.py):
             auto (when the store holds more adapters than --max-loaded-adapters), on, off.
+        allocator: the actors' memory allocator (actors/allocator.py): auto, tcmalloc, system.
         options: Predictor options (MODEL_OPTIONS: PredictorConfig's fields).
     """
 
@@ -71,6 +73,7 @@ class JobConfig:
     overwrite: bool = False
     quick_adapter_check: bool = False
     cluster_by_adapter: str = "auto"
+    allocator: str = "system"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,7 @@ class JobConfig:
         require(self.batch_size >= 1, f"--batch-size ({self.batch_size}) must be >= 1")
         require(self.cluster_by_adapter in CLUSTER_MODES,
                 f"--cluster-by-adapter ({self.cluster_by_adapter!r}) must be auto, on or off")
+        require(self.allocator in ALLOCATORS, f"--allocator ({self.allocator!r}) must be auto, tcmalloc or system")
         require(self.concurrency >= 1, f"--concurrency ({self.concurrency}) must be >= 1")
         require(self.num_gpus >= 0, f"--num-gpus ({self.num_gpus}) must be >= 0")
         require(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus ({self.num_cpus}) must be > 0")
@@ -156,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fan-out rows expanded first), so each batch names few adapters: auto (default) does it on GPU "
                    "actors when the store holds more adapters than --max-loaded-adapters and the input has at least "
                    "16 rows per adapter; it reads the whole input before the first batch runs (Ray Data's sort)")
+    p.add_argument("--allocator", metavar="{auto,tcmalloc,system}", help="the actors' memory allocator: system "
+                   "(default) keeps glibc's malloc, auto preloads tcmalloc when the machine starting the job has it "
+                   "installed, tcmalloc requires it (no gain measured on 2 CPU cores: bench/allocator.py)")
     add_flags(p, PredictorConfig, skip={"model", "adapters", "task", "num_threads"})
     return p
 

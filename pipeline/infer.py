@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.allocator import runtime_env
 from actors.predictor import Predictor
 from pipeline.config import JobConfig
 
@@ -190,4 +191,5 @@ def infer(dataset, config: JobConfig, ledger):
             num_gpus=config.num_gpus,
             max_restarts=MAX_RESTARTS,  # passed as ray_remote_args, deprecated for removal in Ray 2.64
             max_task_retries=MAX_TASK_RETRIES,
+            **({"runtime_env": env} if (env := runtime_env(config.allocator)) else {}),
         )

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from actors.allocator import allocator_env
 from actors.config import INPUT_COLUMNS, output_schema
 from pipeline import cluster
 from pipeline.config import JobConfig
@@ -108,6 +109,8 @@ def run(config: JobConfig) -> Summary:
 
     input_files = open_input(config.input)
     validate_job(config, input_files)
+    preload = allocator_env(config.allocator).get("LD_PRELOAD")  # refuses --allocator tcmalloc without it
+    logger.info("actors' allocator: %s", f"tcmalloc ({preload})" if preload else "the system's malloc")
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)

@@ -44,7 +44,8 @@ MANIFEST = "switchyard-checkpoint.json"
 RAY_FOLDER = "ray"
 # JobConfig fields that only tune how the job runs: a resumed run may change them.
 TUNING = ("batch_size", "concurrency", "num_cpus", "num_gpus", "num_threads", "progress_seconds", "rows_per_block",
-          "overwrite", "quick_adapter_check", "checkpoint_dir", "cluster_by_adapter")
+          "overwrite", "quick_adapter_check", "checkpoint_dir", "cluster_by_adapter",
+          "allocator")
 TUNING_OPTIONS = ("device", "max_loaded_adapters", "adapter_cache_mb", "max_batch_rows", "canary")
 
 

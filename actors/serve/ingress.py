@@ -36,10 +36,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.config import PredictorConfig
-from actors.serve.api import ApiError, Reply, error_body, read_json, server_sent
+from actors.serve.api import ApiError, Reply, base_model_name, error_body, read_json, server_sent
 from actors.serve.batching import ServeMetrics
 from actors.serve.model import SwitchyardModel
 from actors.serve.options import ServeOptions, options_dict, split_args
+from actors.serve.routing import AdapterAffinityRouter, pin, running_replicas
 
 logger = logging.getLogger(__name__)
 ENDPOINT_TASKS = {"completions": ("generate",), "chat/completions": ("generate",), "embeddings": ("embed",),
@@ -59,6 +60,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 STREAMING = ("completions", "chat/completions")  # endpoints that take `stream: true`
 RESTART_PROBE_TIMEOUT_S = 5.0  # how long one probe of a restarting model replica may wait
 RESTART_PROBE_INTERVAL_S = 0.5
+MANAGE_TIMEOUT_S = 120.0  # how long one replica may take to load (read, check, canary) an adapter
+MODEL_DEPLOYMENT = "SwitchyardModel"
 
 
 # Defined above the deployment class: defined below it, it was missing in the replica (a NameError
@@ -106,10 +109,11 @@ class SwitchyardIngress:
         options: `ServeOptions` fields, as a dict.
     """
 
-    def __init__(self, model: DeploymentHandle, task: str, options: dict) -> None:
+    def __init__(self, model: DeploymentHandle, task: str, options: dict, base_names: list[str] = ()) -> None:
         self.model = model
         self.task = task
         self.options = ServeOptions(**options)
+        self.base_names = set(base_names)  # requests naming these have no adapter, so no home replica
         self.metrics = ServeMetrics()
         self._restart: asyncio.Task | None = None  # one replica died: waits until a model replica answers again
 
@@ -150,12 +154,12 @@ class SwitchyardIngress:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request) -> JSONResponse:
-        """Register an adapter folder of the store (on the model replica the call reaches)."""
+        """Register an adapter folder of the store on every model replica."""
         return await self._manage(request, "load_lora_adapter")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, request: Request) -> JSONResponse:
-        """Forget an adapter (on the model replica the call reaches)."""
+        """Forget an adapter on every model replica."""
         return await self._manage(request, "unload_lora_adapter")
 
     async def _infer(self, request: Request, endpoint: str) -> JSONResponse:
@@ -170,7 +174,13 @@ class SwitchyardIngress:
             return self._answered(endpoint, e.reply(), started)
         if endpoint in STREAMING and isinstance(data, dict) and data.get("stream") is True:
             return await self._stream(endpoint, started, data)
-        return await self._call(endpoint, started, "answer", endpoint, data)
+        return await self._call(endpoint, started, "answer", endpoint, data, affinity=self._affinity(data))
+
+    def _affinity(self, data: Any) -> str:
+        """The adapter a request names (its home replica serves it: actors/serve/routing.py),
+        or "" for the base model and bodies the replica will refuse."""
+        model = data.get("model") if isinstance(data, dict) else None
+        return model if isinstance(model, str) and model not in self.base_names else ""
 
     async def _stream(self, endpoint: str, started: float, data: dict) -> JSONResponse | StreamingResponse:
         """A streaming request: the model replica's first item is its answer's head (an
@@ -179,7 +189,8 @@ class SwitchyardIngress:
         rows out of the replica's batch."""
         if self._restarting():
             return self._answered(endpoint, _restarting_reply(), started)
-        events = self.model.options(stream=True).answer_stream.remote(endpoint, data)
+        events = self.model.options(stream=True, session_id=self._affinity(data)).answer_stream.remote(
+            endpoint, data)
         try:
             head = await events.__anext__()
         except Exception as e:  # noqa: BLE001 - the replica died or is unreachable: answered in JSON
@@ -212,16 +223,60 @@ class SwitchyardIngress:
             data = await read_json(request)
         except ApiError as e:
             return self._answered(endpoint, e.reply(), started)
-        return await self._call(endpoint, started, "manage", endpoint, data)
+        if self._restarting():
+            return self._answered(endpoint, _restarting_reply(), started)
+        return self._answered(endpoint, await self._manage_everywhere(endpoint, data), started)
 
-    async def _call(self, endpoint: str | None, started: float, method: str, *args: Any) -> JSONResponse:
-        """Call `method` of a model replica; a failed call (not a failed request) gets `model_failure`.
-        While the only model replica restarts after dying, calls get 503 at once instead of
-        waiting for its successor (which may take as long as loading the model)."""
+    async def _manage_everywhere(self, endpoint: str, data: Any) -> Reply:
+        """Load or unload on every running model replica, each call pinned to its replica, in turn.
+
+        One reply for all: the replicas' shared answer to a bad request (they check it
+        alike); else 200 when every replica answered 200 (loading is idempotent), or 404 on
+        some for an unload (those did not have it: 200 if any did, 404 if none); 503 when a
+        replica did not answer, naming how many did (loading again is safe)."""
+        try:
+            await self.model.stats.remote()  # the handle learns of the replicas from Serve's controller
+        except Exception as e:  # noqa: BLE001 - no replica answers
+            return model_failure(e).reply()
+        replicas = running_replicas(serve.get_replica_context().app_name, MODEL_DEPLOYMENT)
+
+        async def one(replica: str) -> Reply | Exception:
+            call = self.model.options(session_id=pin(replica)).manage.remote(endpoint, data)
+            try:
+                return await asyncio.wait_for(call, MANAGE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - the replica died or did not answer: counted below
+                call.cancel()
+                return e
+
+        # One replica after the other: calls made while answering one HTTP request share its
+        # request id, and Serve's router matches concurrent calls to replicas by that id.
+        replies = [await one(r) for r in replicas]
+        answered = [r for r in replies if isinstance(r, Reply)]
+        refused = [r for r in answered if r.status != 200 and not (endpoint == "unload_lora_adapter" and r.status == 404)]
+        if refused:
+            return refused[0]
+        if len(answered) < len(replicas) or not replicas:
+            failed = next((r for r in replies if not isinstance(r, Reply)), None)
+            logger.error("%s reached %d of %d model replicas: %r", endpoint, len(answered), len(replicas), failed)
+            return ApiError(503, f"{endpoint} reached {len(answered)} of {len(replicas)} model replicas (one stopped "
+                            "or did not answer in time); retry after Retry-After seconds (loading and unloading "
+                            "again is safe)", "replica_unavailable").reply()
+        done = [r for r in answered if r.status == 200]
+        if not done:
+            return answered[0]  # unload: no replica had it (404)
+        return next((r for r in done if r.body.get("status") in ("loaded", "unloaded")), done[0])
+
+    async def _call(self, endpoint: str | None, started: float, method: str, *args: Any,
+                    affinity: str = "") -> JSONResponse:
+        """Call `method` of a model replica (the home replica of `affinity`, an adapter id); a
+        failed call (not a failed request) gets `model_failure`. While the only model replica
+        restarts after dying, calls get 503 at once instead of waiting for its successor
+        (which may take as long as loading the model)."""
         if self._restarting():
             return self._answered(endpoint, _restarting_reply(), started)
         try:
-            reply = await getattr(self.model, method).remote(*args)
+            handle = self.model.options(session_id=affinity) if affinity else self.model
+            reply = await getattr(handle, method).remote(*args)
         except Exception as e:  # noqa: BLE001 - the replica died, the queue is full, or a bug: answered in JSON
             if isinstance(e, RayActorError) and self.options.num_replicas == 1 and (
                     self._restart is None or self._restart.done()):
@@ -264,7 +319,13 @@ def build_app(args: dict[str, Any]) -> Application:
     Raises:
         ValueError: an unknown argument or a bad value (checked before any replica starts).
     """
+    from ray.serve.config import RequestRouterConfig
+
     predictor_args, options = split_args(dict(args))
-    model = SwitchyardModel.options(**options.deployment_options()).bind(predictor_args, options_dict(options))
+    router = RequestRouterConfig(request_router_class=AdapterAffinityRouter,
+                                 request_router_kwargs={"spill_queue": options.max_batch_size})
+    model = SwitchyardModel.options(name=MODEL_DEPLOYMENT, request_router_config=router,
+                                    **options.deployment_options()).bind(predictor_args, options_dict(options))
     task = predictor_args.get("task", PredictorConfig.task)
-    return SwitchyardIngress.options(**options.ingress_options()).bind(model, task, options_dict(options))
+    base_names = options.served_model_name or [base_model_name(predictor_args["model"])]
+    return SwitchyardIngress.options(**options.ingress_options()).bind(model, task, options_dict(options), base_names)

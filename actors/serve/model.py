@@ -9,6 +9,7 @@ call, which the ingress, in another process, answers with a 503 in OpenAI's erro
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from ray import serve
 
+from actors.allocator import running_allocator
 from actors.serve.api import (
     ApiError, ChatBody, ClassifyBody, CompletionBody, EmbeddingBody, LoadAdapterBody, Reply, UnloadAdapterBody, Work,
     base_model_name, chat_response, chat_work, classify_response, completion_response, completion_work,
@@ -55,6 +57,7 @@ class SwitchyardModel:
         self.batch_stats = BatchStats()
         self.metrics = ServeMetrics()
         self.pending_rows = 0
+        self.by_adapter: collections.Counter[str] = collections.Counter()  # requests taken per adapter ("": base)
         self.coalescer = Coalescer(self._run_batch, self.options.max_batch_size, self.options.batch_wait_timeout_s)
         self.engine = None
         if self.options.batcher_for(self.task) == "continuous":
@@ -94,7 +97,9 @@ class SwitchyardModel:
         replica = serve.get_replica_context().replica_id.unique_id
         engine = {"continuous": self.engine.summary()} if self.engine is not None else {}
         return Reply(200, {**self.batch_stats.summary(), **engine, "pending_rows": self.pending_rows,
-                           "task": self.task, "replica": replica})
+                           "task": self.task, "replica": replica, "requests_by_adapter": dict(self.by_adapter),
+                           "adapters": len(self.predictor.adapter_ids),
+                           "allocator": running_allocator()})
 
     async def answer(self, endpoint: str, data: dict) -> Reply:
         """One inference request: validate, admit, run in a mixed batch, render.
@@ -115,6 +120,7 @@ class SwitchyardModel:
             if work.stream:
                 raise ApiError(400, "stream: true is answered by the streaming call; send it through the HTTP "
                                "server", "bad_parameter")
+            self.by_adapter[adapter or ""] += 1
             rows = await self._submit(work, endpoint)
             error = row_error(rows, INPUT_NAMES[endpoint])
             if error is not None:
@@ -135,6 +141,7 @@ class SwitchyardModel:
             self._check_engine(work)
             request = EngineRequest(self.engine, work, endpoint)
             self._admit(work.rows)
+            self.by_adapter[adapter or ""] += 1
         except ApiError as e:
             yield e.reply(adapter_tag)
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from actors.allocator import ALLOCATORS, runtime_env
 from actors.config import PredictorConfig, require
 from actors.options import convert
 from actors.store import AdapterStore, parse_lora_modules
@@ -52,6 +53,9 @@ class ServeOptions:
     enable_adapter_management: bool = field(default=False, metadata={
         "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter."})
     access_log: bool = field(default=False, metadata={"help": "Serve's one log line per request."})
+    allocator: str = field(default="system", metadata={"help": (
+        "the model replicas' memory allocator: system keeps glibc's malloc, auto preloads tcmalloc when the "
+        "machine deploying the app has it installed, tcmalloc requires it.")})
     served_model_name: list[str] | None = field(default=None, metadata={"help": (
         "the name(s) requests give as `model` for the base model, as vLLM's --served-model-name (default: the "
         "model folder's name); GET /v1/models lists the first.")})
@@ -70,6 +74,7 @@ class ServeOptions:
                f"({self.max_batch_size}): a replica past it refuses requests and batches stay small")
         require(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
                f"max_queued_requests ({self.max_queued_requests!r}) must be -1 (no limit) or >= 1")
+        require(self.allocator in ALLOCATORS, f"allocator ({self.allocator!r}) must be one of {', '.join(ALLOCATORS)}")
         require(self.max_pending_rows >= 1, f"max_pending_rows ({self.max_pending_rows!r}) must be >= 1")
         require(self.served_model_name is None or (bool(self.served_model_name) and all(
             isinstance(n, str) and n for n in self.served_model_name)),
@@ -97,7 +102,8 @@ class ServeOptions:
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                                  **({"runtime_env": env} if (env := runtime_env(self.allocator)) else {})},
             "logging_config": {"enable_access_log": self.access_log},
         }
 
