@@ -25,7 +25,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,bench]"
-	$(PY) bench/mixed_batch.py --new-tokens 1 16 --json bench/mixed_batch.json
+	$(PY) bench/mixed_batch.py --reps 5 --new-tokens 1 16 64 --json bench/mixed_batch.json
 	$(PY) bench/plot_mixed_batch.py bench/mixed_batch.json bench/mixed_batch.png
 	$(PY) bench/pipeline.py
 

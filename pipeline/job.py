@@ -110,7 +110,6 @@ def run(config: JobConfig) -> Summary:
     input_files = open_input(config.input)
     validate_job(config, input_files)
     preload = allocator_env(config.allocator).get("LD_PRELOAD")  # refuses --allocator tcmalloc without it
-    logger.info("actors' allocator: %s", f"tcmalloc ({preload})" if preload else "the system's malloc")
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not joined:  # a local Ray will have this machine's CPUs: refuse before starting it
         check_resources(config, float(os.cpu_count() or 1), strict=True)
@@ -129,6 +128,8 @@ def run(config: JobConfig) -> Summary:
     if adapter_ids:
         shown = ", ".join(adapter_ids[:10]) + (f" and {len(adapter_ids) - 10} more" if len(adapter_ids) > 10 else "")
         logger.info("adapter store: %d adapters checked: %s", len(adapter_ids), shown)
+    if preload:
+        logger.info("actors' allocator: tcmalloc (%s)", preload)
     if config.overwrite:
         clear_output(output)
         if checkpoint is not None:
