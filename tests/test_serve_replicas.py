@@ -5,6 +5,7 @@ adapter slots stay resident), base-model requests to either, and /v1/load_lora_a
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -44,11 +45,13 @@ def two(ray_cluster, llama, tmp_path_factory):
 def _replica_stats(url: str, client: httpx.Client) -> dict[str, dict]:
     """Every replica's /v1/stats (a stats call goes to either replica: ask until both answered)."""
     seen: dict[str, dict] = {}
-    for _ in range(60):
+    deadline = time.monotonic() + 60  # Serve's router prefers the replica it thinks less busy, for up to 10 s
+    while time.monotonic() < deadline:
         stats = client.get(f"{url}/stats").json()
         seen[stats["replica"]] = stats
         if len(seen) == 2:
             return seen
+        time.sleep(0.1)
     raise AssertionError(f"only replicas {sorted(seen)} answered /v1/stats")
 
 

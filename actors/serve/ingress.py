@@ -179,7 +179,7 @@ class SwitchyardIngress:
     def _affinity(self, data: Any) -> str:
         """The adapter a request names (its home replica serves it: actors/serve/routing.py),
         or "" for the base model and bodies the replica will refuse."""
-        model = data.get("model") if isinstance(data, dict) else None
+        model = data.get("model") if isinstance(data, dict) and self.options.adapter_affinity else None
         return model if isinstance(model, str) and model not in self.base_names else ""
 
     async def _stream(self, endpoint: str, started: float, data: dict) -> JSONResponse | StreamingResponse:

@@ -98,7 +98,7 @@ class SwitchyardModel:
         engine = {"continuous": self.engine.summary()} if self.engine is not None else {}
         return Reply(200, {**self.batch_stats.summary(), **engine, "pending_rows": self.pending_rows,
                            "task": self.task, "replica": replica, "requests_by_adapter": dict(self.by_adapter),
-                           "adapters": len(self.predictor.adapter_ids),
+                           "adapters": len(self.predictor.adapter_ids), "slot_loads": self.predictor.runtime.slot_loads,
                            "allocator": running_allocator()})
 
     async def answer(self, endpoint: str, data: dict) -> Reply:

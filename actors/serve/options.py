@@ -53,6 +53,9 @@ class ServeOptions:
     enable_adapter_management: bool = field(default=False, metadata={
         "help": "serve /v1/load_lora_adapter and /v1/unload_lora_adapter."})
     access_log: bool = field(default=False, metadata={"help": "Serve's one log line per request."})
+    adapter_affinity: bool = field(default=True, metadata={"help": (
+        "with several replicas, send each adapter's requests to its home replica (its slots stay resident; "
+        "the less busy of two, or any, when busy); off: any replica, as base-model requests.")})
     allocator: str = field(default="system", metadata={"help": (
         "the model replicas' memory allocator: system keeps glibc's malloc, auto preloads tcmalloc when the "
         "machine deploying the app has it installed, tcmalloc requires it.")})
