@@ -130,13 +130,13 @@ def _choose(queues: dict[str, int], key: str) -> list[list[str]]:
     from actors.serve.routing import AdapterAffinityRouter
 
     router = object.__new__(AdapterAffinityRouter)  # its choice needs no running Serve
-    router.spill_queue, router._replica_queue_len_cache = 4, _Cache(queues)
+    router.spill_queue, router.slack, router._replica_queue_len_cache = 4, 2, _Cache(queues)
     replicas = [_Replica(name) for name in queues]
     ranks = asyncio.run(router.choose_replicas(replicas, SimpleNamespace(metadata=SimpleNamespace(session_id=key))))
     return [[r.replica_id.unique_id for r in rank] for rank in ranks if rank]
 
 
-def test_router_spills_to_the_second_home_then_to_all_when_homes_are_busy():
+def test_router_bounds_the_homes_load_then_spills_to_all_when_both_are_busy():
     from actors.serve.routing import _score, pin
 
     names = ["r0", "r1", "r2", "r3"]
@@ -144,7 +144,9 @@ def test_router_spills_to_the_second_home_then_to_all_when_homes_are_busy():
     first, second = by_weight[:2]
     idle = dict.fromkeys(names, 0)
     assert _choose(idle, "ad")[0] == [first]
-    assert _choose({**idle, first: 4}, "ad")[0] == [first, second]  # the less busy of the two homes
+    assert _choose({**idle, first: 2}, "ad")[0] == [first]  # within the slack of the second
+    assert _choose({**idle, first: 3}, "ad")[0] == [first, second]  # past it: the less busy of the two
+    assert _choose({**idle, first: 4, second: 3}, "ad")[0] == [first, second]  # the home is full
     assert _choose({**idle, first: 4, second: 9}, "ad") == [by_weight]  # both busy: the least busy of all
     assert _choose({**idle, "r2": 100}, pin("r2")) == [["r2"]]  # pinned: that replica whatever its queue
     base = _choose(idle, "")

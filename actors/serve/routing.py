@@ -4,11 +4,12 @@ the model deployment, run by the ingress's handle (in the ingress's process).
 With several replicas, each adapter has a home replica, the highest of a hash of (adapter,
 replica) over the running replicas (rendezvous hashing), and its requests go there, so each
 replica's adapter slots hold about 1/R of the adapters in use and stay resident instead of
-every replica swapping every adapter in. When the home has `spill_queue` requests or more in
-flight (by default one full batch), a request goes to the less busy of the adapter's two
-highest replicas, and when both are that busy, to the least busy of all. Requests for the
-base model have no home: the less busy of two random replicas (Serve's default). A replica
-that stops or starts moves only the adapters whose home it was or becomes.
+every replica swapping every adapter in. Homes by hash split the requests unevenly, so the
+load is bounded: when the home has `slack` more requests in flight than the adapter's
+second-highest replica, or `spill_queue` or more (by default one full batch), a request goes
+to the less busy of the two, and when both have `spill_queue`, to the least busy of all.
+Requests for the base model have no home: the less busy of two random replicas (Serve's
+default). A replica that stops or starts moves only the adapters whose home it was or becomes.
 
 The ingress names the adapter through the handle's `session_id` (Serve's field for sticky
 routing; not `multiplexed_model_id`, by which `@serve.batch` would split the mixed batches).
@@ -29,6 +30,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 PIN = "switchyard-replica:"  # session_id prefix of a call pinned to one replica
 DEFAULT_SPILL_QUEUE = 32
+DEFAULT_SLACK = 2
 _ROUTERS: weakref.WeakSet = weakref.WeakSet()  # the routers of this process's handles
 
 
@@ -62,8 +64,8 @@ class AdapterAffinityRouter(RequestRouter):
     """Adapter requests to their home replicas, pinned calls to their replica, the rest
     anywhere (see the module docstring)."""
 
-    def initialize_state(self, spill_queue: int = DEFAULT_SPILL_QUEUE, **kwargs) -> None:
-        self.spill_queue = spill_queue
+    def initialize_state(self, spill_queue: int = DEFAULT_SPILL_QUEUE, slack: int = DEFAULT_SLACK, **kwargs) -> None:
+        self.spill_queue, self.slack = spill_queue, slack
         # Serve ships this class by value: its copy has globals of its own, so the routers are
         # registered in the module the ingress imports.
         importlib.import_module(__name__)._ROUTERS.add(self)
@@ -82,9 +84,9 @@ class AdapterAffinityRouter(RequestRouter):
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         ranked = sorted(candidate_replicas, key=lambda r: _score(key, r.replica_id.unique_id), reverse=True)
         cache = self.replica_queue_len_cache
-        busy = [(cache.get(r.replica_id) or 0) >= self.spill_queue for r in ranked[:2]]
-        if not busy[0]:
+        queued = [cache.get(r.replica_id) or 0 for r in ranked[:2]]
+        if queued[0] < self.spill_queue and queued[0] <= queued[1] + self.slack:
             return [ranked[:1], ranked[1:2], ranked[2:]]
-        if not busy[1]:
+        if queued[1] < self.spill_queue:
             return [ranked[:2], ranked[2:]]  # the less busy of the two
         return [ranked]  # both busy: the least busy of all
