@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -73,9 +72,6 @@ def main() -> int:
     import logging
     import os
 
-    import ray
-    from ray import serve
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,18 +80,8 @@ def main() -> int:
         from testkit.data import SENTENCES
 
         rows = [(gen.choice(names), SENTENCES[i % len(SENTENCES)][: 12 + (i * 7) % 30]) for i in range(args.requests)]
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        results = {}
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for affinity in (True, False):
-                results[affinity] = measure(f"http://127.0.0.1:{port}", model, store, rows, affinity, args)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        with serve_load.local_serve() as url:
+            results = {affinity: measure(url, model, store, rows, affinity, args) for affinity in (True, False)}
     print(f"{args.requests} requests over {args.adapters} adapters in random order, {args.concurrency} clients, "
           f"{args.max_tokens} new tokens; {args.replicas} replicas x {args.slots} slots, host tier "
           f"{args.adapter_cache_mb} MiB")

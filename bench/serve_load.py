@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import socket
 import statistics
 import sys
@@ -97,8 +98,10 @@ async def load(url: str, base: str, rows: list[tuple[str | None, str]], concurre
         return time.perf_counter() - started, latencies
 
 
-def run_online(model: str, store: str, patterns: dict, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
-    """Deploy on a local Ray once per batcher, run every pattern, shut everything down."""
+@contextlib.contextmanager
+def local_serve():
+    """A local Ray (2 CPUs) with Serve's HTTP proxy on a free loopback port; yields its URL and
+    shuts both down after."""
     import ray
     from ray import serve
 
@@ -106,14 +109,20 @@ def run_online(model: str, store: str, patterns: dict, args: argparse.Namespace)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for batcher in args.batchers:
-            results.update(measure(f"http://127.0.0.1:{port}", model, store, patterns, args, batcher))
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def run_online(model: str, store: str, patterns: dict, args: argparse.Namespace) -> dict[tuple[str, str], dict]:
+    """Deploy on a local Ray once per batcher, run every pattern, shut everything down."""
+    results = {}
+    with local_serve() as url:
+        for batcher in args.batchers:
+            results.update(measure(url, model, store, patterns, args, batcher))
     return results
 
 
