@@ -151,3 +151,19 @@ def test_router_bounds_the_homes_load_then_spills_to_all_when_both_are_busy():
     assert _choose({**idle, "r2": 100}, pin("r2")) == [["r2"]]  # pinned: that replica whatever its queue
     base = _choose(idle, "")
     assert len(base) == 1 and len(base[0]) == 2 and set(base[0]) <= set(names)
+
+
+@pytest.mark.parametrize("affinity, body, key", [
+    (True, {"model": "lora-a", "prompt": "x"}, "lora-a"),  # an adapter: its home replica
+    (True, {"model": "base", "prompt": "x"}, ""),  # the base model's name: any replica
+    (True, {"model": 7}, ""),  # a body the replica will refuse: any replica
+    (False, {"model": "lora-a", "prompt": "x"}, ""),  # --no-adapter-affinity: any replica
+])
+def test_the_ingress_names_the_adapter_to_the_router_unless_affinity_is_off(affinity, body, key):
+    from types import SimpleNamespace
+
+    from actors.serve.ingress import SwitchyardIngress
+    from actors.serve.options import ServeOptions
+
+    ingress = SimpleNamespace(options=ServeOptions(adapter_affinity=affinity), base_names={"base"})
+    assert SwitchyardIngress.func_or_class._affinity(ingress, body) == key
