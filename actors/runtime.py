@@ -109,19 +109,20 @@ class AdapterRuntime:
         """Read every adapter once (refusing bad ones), wrap the modules they touch, and load
         as many as fit."""
         for adapter_id in self.adapter_ids:
-            signature = folder_signature(self.store.path(adapter_id))
             weights = self._read(adapter_id)
             self._install_modules(weights)
             if len(self._loaded) < self.capacity:
                 self._load_into(self._free.pop(), weights)
-            if not self._unbounded:  # slots will be swapped: keep the parsed weights at hand
-                self.host.put(adapter_id, weights, signature)
         logger.info("loaded %d of %d adapters", len(self._loaded), len(self.adapter_ids))
 
     def _read(self, adapter_id: str) -> AdapterWeights:
-        """Read one adapter against the untouched base model."""
+        """Read one adapter against the untouched base model, and keep it in the host tier
+        when slots will be swapped."""
+        signature = folder_signature(self.store.path(adapter_id))  # before the read: a later change misses
         weights = self._parse(adapter_id)
         self._note(weights)
+        if not self._unbounded:
+            self.host.put(adapter_id, weights, signature)
         return weights
 
     def _note(self, weights: AdapterWeights) -> None:
@@ -252,11 +253,8 @@ class AdapterRuntime:
                 return
             while adapter_id in self._loaded:  # a removal of this id waits for running calls: let it finish
                 self._lock.wait()
-            signature = folder_signature(self.store.path(adapter_id))
             weights = self._read(adapter_id)  # always the folder as it is now
             self._generation[adapter_id] = self._generation.get(adapter_id, 0) + 1
-            if not self._unbounded:
-                self.host.put(adapter_id, weights, signature)
             if self._unbounded and not self._free:
                 self.capacity += 1
                 self._free.append(self.capacity)
