@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
 
+from actors.kvcache import growing_cache
 from actors.layers import Route, routing
 from actors.runtime import UnknownAdapterError
 from actors.tasks.base import Encoded, RowError
@@ -382,7 +383,9 @@ class DecodeEngine:
         for (rows, cache, m, p, t, keep), (index, first, to) in zip(parts, spans):
             mask[to, width - (m.shape[1] - first):] = m[index, first:]
             positions[to], last[to] = p[index], t[index]
-        self._cache, self._mask, self._positions, self._last = DynamicCache(layers), mask, positions, last
+        room = max(r.encoded.params["max_new_tokens"] - len(r.tokens) for r in self._live)  # steps before a row ends
+        self._cache = growing_cache(None, width + room, layers)  # each step writes its own positions only
+        self._mask, self._positions, self._last = mask, positions, last
         self._route = Route(torch.tensor([r.slot for r in self._live], dtype=torch.long, device=device))
         self.max_rows = max(self.max_rows, len(self._live))
         self.max_adapters = max(self.max_adapters, len({r.slot for r in self._live}))

@@ -28,6 +28,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
 from actors.config import INPUT_COLUMNS, NO_CHAT_TEMPLATE, OTHER_INPUT_COLUMNS, TASK_OUTPUTS
+from actors.kvcache import growing_cache
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -73,6 +74,7 @@ class GenerateTask(TextTask):
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.defaults = take_model_defaults(model)
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.grows_cache = takes_growing_cache(model)
 
     def encode(self, value: Any, params: dict) -> Encoded:
         """A prompt (a string), or chat turns (a list of {role, content}: `chat_ids`)."""
@@ -123,6 +125,10 @@ class GenerateTask(TextTask):
             _cover_prefix(inputs, self.pad_id)
         prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0  # else only new tokens come
         limits = [r.params["max_new_tokens"] for r in rows]
+        if self.grows_cache:  # room for the prompt (and any prefix) and the longest row's new tokens
+            prefix = inputs.get("cache")
+            inputs["cache"] = growing_cache(self.model.config, inputs["attention_mask"].shape[1] + max(limits),
+                                            None if prefix is None else [(k, v) for k, v, *_ in prefix])
         temperatures = [r.params["temperature"] for r in rows]
         stop = self.config.stop
         generation = GenerationConfig(
@@ -151,6 +157,15 @@ class GenerateTask(TextTask):
             reason = "stop"
         return {"generated_text": text, "num_input_tokens": len(row.inputs),
                 "num_generated_tokens": len(tokens), "finish_reason": reason}
+
+
+def takes_growing_cache(model) -> bool:
+    """Whether `generate` would make transformers' DynamicCache for `model` itself, so a
+    `growing_cache` (the same values, no copy of the whole cache per step) may stand in."""
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    implementation = getattr(model.generation_config, "cache_implementation", None)
+    return ((supports is None or supports()) and implementation in (None, "dynamic")
+            and not getattr(model.config, "is_encoder_decoder", False))
 
 
 def _cover_prefix(inputs: dict, pad_id: int) -> None:
