@@ -63,9 +63,10 @@ class Route:
         self._members: dict[tuple[int, int], torch.Tensor | slice] = {}
         self.ranks: dict[int, int] = {}  # id(layer) -> the largest rank among this call's slots there
         self._spans = _spans(listed)  # slot -> (start, stop) where its rows are contiguous
-        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n or "groups") -> it, rows
+        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (id(table), n) -> it, rows
         self._gathered_bytes = 0
         self._groups: dict[int, Groups | None] = {}
+        self.plans: dict[tuple[int, int], _Plan] = {}  # (id(layer), n) -> its low-rank plan for this call
 
     def rows(self, n: int) -> torch.Tensor:
         """Slot per leading row when a module sees `n` rows; models that unfold each batch
@@ -91,32 +92,31 @@ class Route:
                 self._members[key] = (self.rows(n) == slot).nonzero().squeeze(1)
         return self._members[key]
 
-
     def gather(self, table: torch.Tensor, n: int) -> torch.Tensor:
-        """Each of `n` leading rows' entry of a per-slot stack `table` [S, ...]: [n, ...]."""
-        return self._memo(table, n, self.rows)
-
-    def gather_groups(self, table: torch.Tensor, groups: Groups) -> torch.Tensor:
-        """Each group's entry of a per-slot stack `table` [S, ...]: [k, ...] (`groups(n)`)."""
-        return self._memo(table, ("groups", groups.rows), lambda _: groups.slots)
-
-    def _memo(self, table: torch.Tensor, what, index) -> torch.Tensor:
-        """`table.index_select(0, index(what))`, kept for the route's later calls.
+        """Each of `n` leading rows' entry of a per-slot stack `table` [S, ...]: [n, ...], kept
+        for the route's later calls.
 
         The first call of a route gathers; later calls (generate's decoding steps run under
         one route) reuse it while the gathered tensors fit GATHER_MEMO_BYTES. The stacks'
         rows of slots in use are never written while a call runs (the runtime pins them), and
         the memo keeps the stack it gathered from alive, so its id cannot be reused."""
-        key = (id(table), what)
+        key = (id(table), n)
         hit = self._gathered.get(key)
         if hit is not None:
             return hit[1]
-        rows = table.index_select(0, index(what))
+        rows = table.index_select(0, self.rows(n))
         size = rows.numel() * rows.element_size()
         if self._gathered_bytes + size <= GATHER_MEMO_BYTES:
             self._gathered[key] = (table, rows)
             self._gathered_bytes += size
         return rows
+
+    def keep_plan(self, key: tuple[int, int], plan: _Plan) -> None:
+        """Keep a module's plan for the route's later calls if its gathers fit the memo."""
+        size = plan.nbytes
+        if self._gathered_bytes + size <= GATHER_MEMO_BYTES:
+            self.plans[key] = plan
+            self._gathered_bytes += size
 
     def groups(self, n: int) -> Groups | None:
         """The `n` leading rows as groups of one slot each (see `Groups`), or None when
@@ -166,6 +166,25 @@ class Groups:
             for j, row in enumerate(rows):
                 pos[row] = g * m + j
         return Groups(as_tensor(list(members)), m, len(slots), as_tensor(pad), as_tensor(pos))
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """How one module adds its low-rank terms to the rows of one call: A and B (cut to the
+    call's largest rank) per group (`groups`), per row ([n, in, r]) or, for a call of one
+    adapter, that adapter's ([in, r]: views of the stack); the bias per row ([n, 1, out]) or
+    the adapter's ([out])."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    groups: Groups | None
+    bias: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its own (gathered) tensors; views of the stack count nothing."""
+        own = [t for t in (self.A, self.B, self.bias) if t is not None and t._base is None]
+        return sum(t.numel() * t.element_size() for t in own)
 
 
 def _spans(slots: list[int]) -> dict[int, tuple[int, int]]:
@@ -482,31 +501,44 @@ class LowRankLinear(_LowRankBase):
 
     def _add_lowrank(self, out3: torch.Tensor, xs: torch.Tensor, route: Route, stack: _Stack) -> torch.Tensor:
         """out3 += (x @ A[slot]) @ B[slot] (+ bias[slot]) per row: one matmul pair for a call of
-        one adapter, else grouped by adapter (`Groups`), else per row."""
+        one adapter, else grouped by adapter (`Groups`), else per row; the call's first step
+        works out which (`_Plan`), its later decoding steps reuse it."""
+        n = xs.shape[0]
+        plan = route.plans.get((id(self), n))
+        if plan is None:
+            plan = self._plan(route, stack, n)
+        out3 = out3 if out3.is_contiguous() else out3.contiguous()
+        if plan.groups is not None:
+            groups, t = plan.groups, xs.shape[1]
+            k, m = groups.k, groups.m
+            if groups.pad is None:
+                h = torch.bmm(xs.reshape(k, m * t, self.d_in), plan.A)  # [k, m*T, r]
+                out3.view(k, m * t, self.d_out).baddbmm_(h, plan.B)
+            else:
+                h = torch.bmm(xs.index_select(0, groups.pad).view(k, m * t, self.d_in), plan.A)
+                out3 += torch.bmm(h, plan.B).view(k * m, t, self.d_out).index_select(0, groups.pos).to(out3.dtype)
+        elif plan.A.dim() == 2:  # one adapter for every row
+            out3.view(-1, self.d_out).addmm_(xs.reshape(-1, self.d_in) @ plan.A, plan.B)
+        else:  # [N, in, r]: each row its own copy
+            out3.baddbmm_(torch.bmm(xs, plan.A), plan.B)
+        if plan.bias is not None:
+            out3 += plan.bias
+        return out3
+
+    def _plan(self, route: Route, stack: _Stack, n: int) -> _Plan:
+        """This call's A, B and bias for `n` rows, gathered per group or row; kept on the route
+        while the gathers fit its memo (GATHER_MEMO_BYTES)."""
         A, B = self._cut(stack, route)
         if route.uniform is not None:
-            return self._add_delta(out3, xs @ A[route.uniform], route, stack, B)  # [N, T, r]
-        groups = route.groups(xs.shape[0])
-        if groups is not None:
-            return self._add_grouped(out3, xs, route, groups, stack, A, B)
-        return self._add_delta(out3, torch.bmm(xs, route.gather(A, xs.shape[0])), route, stack, B)
-
-    def _add_grouped(self, out3: torch.Tensor, xs: torch.Tensor, route: Route, groups: Groups, stack: _Stack,
-                     A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """out3 += (x @ A[slot]) @ B[slot] (+ bias[slot]) per row, in `groups`' layout: one
-        bmm over the k groups for each of A and B."""
-        k, m, t = groups.k, groups.m, xs.shape[1]
-        Ag, Bg = route.gather_groups(A, groups), route.gather_groups(B, groups)
-        out3 = out3 if out3.is_contiguous() else out3.contiguous()
-        if groups.pad is None:
-            h = torch.bmm(xs.reshape(k, m * t, self.d_in), Ag)  # [k, m*T, r]
-            out3.view(k, m * t, self.d_out).baddbmm_(h, Bg)
+            s = route.uniform
+            plan = _Plan(A[s], B[s], None, None if stack.bias is None else stack.bias[s])
         else:
-            h = torch.bmm(xs.index_select(0, groups.pad).view(k, m * t, self.d_in), Ag)
-            out3 += torch.bmm(h, Bg).view(k * m, t, self.d_out).index_select(0, groups.pos).to(out3.dtype)
-        if stack.bias is not None:
-            out3 += self._per_row(stack.bias, route, out3.shape[0])
-        return out3
+            groups = route.groups(n)
+            index = route.rows(n) if groups is None else groups.slots
+            plan = _Plan(A.index_select(0, index), B.index_select(0, index), groups,
+                         None if stack.bias is None else stack.bias.index_select(0, route.rows(n))[:, None, :])
+        route.keep_plan((id(self), n), plan)
+        return plan
 
     def _transform_input(self, x3: torch.Tensor, route: Route, stack: _Stack, usage: _Usage) -> torch.Tensor:
         """x' per row: in_scale[slot] * x (IA3 feed-forward), in_op[slot](x) (OFT, BOFT)."""

@@ -50,13 +50,32 @@ def test_every_layout_equals_each_row_alone(slots, tokens, bias, sort):
     layer, deltas = _layer(bias)
     slots = sorted(slots) if sort else slots
     x = torch.randn(len(slots), tokens, D_IN, generator=torch.Generator().manual_seed(len(slots)))
+    step = torch.randn(len(slots), 1, D_IN, generator=torch.Generator().manual_seed(99))  # a decoding step's input
     route = Route(torch.tensor(slots))
     with torch.no_grad(), routing(route):
         got = layer(x)
-        again = layer(x)  # the second call reads the route's memoised gathers
+        assert ((id(layer), len(slots)) in route.plans) == any(slots)  # kept for the route's later calls...
+        again = layer(x)
+        stepped = layer(step)  # ...which read it, whatever their input
     want = torch.stack([_by_hand(layer.base_layer, deltas, x[i], s) for i, s in enumerate(slots)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+    want = torch.stack([_by_hand(layer.base_layer, deltas, step[i], s) for i, s in enumerate(slots)])
+    torch.testing.assert_close(stepped, want, rtol=1e-5, atol=1e-4)
+
+
+def test_plans_past_the_memo_budget_are_made_anew_each_call(monkeypatch):
+    monkeypatch.setattr("actors.layers.GATHER_MEMO_BYTES", 0)
+    layer, deltas = _layer(bias=True)
+    slots = [3, 1, 1, 0, 2]
+    x = torch.randn(len(slots), 2, D_IN)
+    route = Route(torch.tensor(slots))
+    with torch.no_grad(), routing(route):
+        outs = [layer(x), layer(x)]
+    assert not route.plans
+    want = torch.stack([_by_hand(layer.base_layer, deltas, x[i], s) for i, s in enumerate(slots)])
+    for got in outs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("slots, layout", [
