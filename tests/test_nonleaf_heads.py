@@ -225,3 +225,21 @@ def test_peft_saves_the_task_type_heads_in_the_config(models):
     folder = f"{stores['ab']}/{STORES['ab']['seq-cls']}"
     assert json.loads(open(f"{folder}/adapter_config.json").read())["modules_to_save"] == ["classifier", "score"]
     assert not any("classifier" in k and "lora" in k for k in load_file(f"{folder}/adapter_model.safetensors"))
+
+
+def test_roberta_context_is_its_positions_less_those_before_the_pad_id(models):
+    """RoBERTa numbers tokens from pad_token_id + 1: its max_position_embeddings of
+    MAX_POSITIONS + pad + 1 holds MAX_POSITIONS tokens. A row of that many is answered (as
+    PEFT answers it), one token more is too_long (not an index error inside the model)."""
+    from transformers import AutoTokenizer
+
+    model, stores = models["roberta"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = {n: " ".join(["the"] * (n - 2)) for n in (MAX_POSITIONS, MAX_POSITIONS + 1)}
+    assert {n: len(tokenizer(t)["input_ids"]) for n, t in texts.items()} == {n: n for n in texts}
+    adapter = STORES["ab"]["plain"]
+    out = _predictor(model, stores["ab"])(pa.table({"text": list(texts.values()),
+                                                    "adapter_id": [adapter] * 2})).to_pylist()
+    assert out[0]["error"] is None, out[0]
+    oracle.assert_close(out[0]["scores"], oracle.scores(model, stores["ab"], adapter, "classify", texts[MAX_POSITIONS]))
+    assert out[1]["error"] == f"too_long: {MAX_POSITIONS + 1} input tokens exceed the model's context of {MAX_POSITIONS}"

@@ -88,13 +88,25 @@ class Task:
         return {name: None for name in self.output_schema.names}
 
 
-def context_length(model_config) -> int | None:
-    """The model's context: max_position_embeddings, or n_positions (GPT-2)."""
+def context_length(model) -> int | None:
+    """The most input positions `model` takes: max_position_embeddings (n_positions on GPT-2),
+    less the positions a RoBERTa-style model skips (see `skipped_positions`)."""
     for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(model_config, attr, None)
+        value = getattr(model.config, attr, None)
         if isinstance(value, int) and value > 0:
-            return value
+            return value - skipped_positions(model)
     return None
+
+
+def skipped_positions(model) -> int:
+    """Position ids a model never gives a token: RoBERTa-style embeddings (RoBERTa, XLM-R,
+    CamemBERT, ...) number a row's tokens from pad_token_id + 1, so roberta-base's 514
+    positions hold 512 tokens."""
+    for module in model.modules():
+        padding_idx = getattr(module, "padding_idx", None)
+        if hasattr(module, "create_position_ids_from_input_ids") and isinstance(padding_idx, int):
+            return padding_idx + 1
+    return 0
 
 
 def is_missing(value: Any) -> bool:

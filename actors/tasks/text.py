@@ -29,7 +29,7 @@ class TextTask(Task):
 
     def __init__(self, model, processor, config) -> None:
         super().__init__(model, processor, config)
-        self.context = context_length(model.config)
+        self.context = context_length(model)
         self.pad_id = _pad_id(model.config, processor)
         self.vocab = model.get_input_embeddings().num_embeddings  # read before adapters wrap it
         self.decoder = not is_encoder(model.config)  # rows with virtual tokens go left-padded then
