@@ -9,12 +9,19 @@ tokenizing and decoding included, on a small Llama (hidden 256, 4 layers, LoRA r
 linear layers). Repetitions are interleaved and the median of each is used, so the ratios
 are measured side by side in one run.
 
+The `floor` column is an estimate, not a timing: the base's time plus the time this machine
+takes to read the batch's distinct adapters (their A and B, in bytes) once per forward pass
+(t passes for t new tokens) at the memory read bandwidth measured in the same run. Any exact
+unmerged mixed batch reads those bytes each step; where they do not fit in cache the ratio
+cannot go below it.
+
     .venv/bin/python bench/mixed_batch.py [--reps 7] [--threads 2] [--new-tokens 1 16 64] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -81,6 +88,29 @@ def run_peft(model, tokenizer, texts: list[str], names: list[str], new_tokens: i
     tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def read_bandwidth() -> float:
+    """Bytes per second this machine reads from memory with torch's threads: the best of five
+    sums over 400 MB (far more than the last-level cache)."""
+    x = torch.ones(100_000_000)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def adapter_bytes(store: str, names: list[str], dtype: torch.dtype) -> int:
+    """Bytes of the low-rank weights of the adapters `names` in `store`, held in `dtype`."""
+    from safetensors import safe_open
+
+    count = 0
+    for name in names:
+        with safe_open(f"{store}/{name}/adapter_model.safetensors", "pt") as f:
+            count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return count * dtype.itemsize
+
+
 def timed(fn) -> float:
     """Seconds of one call."""
     start = time.perf_counter()
@@ -115,8 +145,11 @@ def main() -> None:
                                              adapter_name="a00").eval()
             for name in ours.adapter_ids[1:]:
                 peft.load_adapter(f"{store}/{name}", adapter_name=name)
-        print(f"torch threads {torch.get_num_threads()}, {opts.reps} interleaved reps, median seconds per batch")
-        print(f"{'adapters':>8} {'rows':>5} {'new tokens':>10} {'base s':>8} {'ours/base':>10} {'peft/base':>10}")
+        bandwidth = read_bandwidth()
+        print(f"torch threads {torch.get_num_threads()}, {opts.reps} interleaved reps, median seconds per batch; "
+              f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+        print(f"{'adapters':>8} {'rows':>5} {'new tokens':>10} {'base s':>8} {'ours/base':>10} {'peft/base':>10} "
+              f"{'floor/base':>10}")
         results = []
         for k, t in [(k, t) for k in COUNTS for t in opts.new_tokens]:
             n = max(32, k)
@@ -133,13 +166,17 @@ def main() -> None:
                 for key, fn in runs.items():
                     times[key].append(timed(fn))
             med = {key: statistics.median(v) for key, v in times.items()}
+            floor = med["base"] + t * adapter_bytes(store, ours.adapter_ids[:k], base.dtype) / bandwidth
             peft_ratio = f"{med['peft'] / med['base']:10.2f}" if "peft" in med else f"{'-':>10}"
-            print(f"{k:>8} {n:>5} {t:>10} {med['base']:8.3f} {med['ours'] / med['base']:10.2f} {peft_ratio}")
-            results.append({"adapters": k, "rows": n, "new_tokens": t, **{f"{key}_s": v for key, v in med.items()}})
+            print(f"{k:>8} {n:>5} {t:>10} {med['base']:8.3f} {med['ours'] / med['base']:10.2f} {peft_ratio} "
+                  f"{floor / med['base']:10.2f}")
+            results.append({"adapters": k, "rows": n, "new_tokens": t, "floor_s": floor,
+                            **{f"{key}_s": v for key, v in med.items()}})
         if opts.json:
             import json
 
-            Path(opts.json).write_text(json.dumps({"reps": opts.reps, "threads": opts.threads, "results": results},
+            Path(opts.json).write_text(json.dumps({"reps": opts.reps, "threads": opts.threads,
+                                                   "read_bandwidth_gb_s": bandwidth / 1e9, "results": results},
                                                   indent=1))
 
 

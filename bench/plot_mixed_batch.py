@@ -1,6 +1,7 @@
 """Plot `bench/mixed_batch.py --json` figures: cost of a mixed batch relative to the bare
 base model, against the number of distinct adapters in it (ours, PEFT's own mixed batch,
-and the base at 1.0), one panel per max_new_tokens.
+the base at 1.0, and the estimated floor of reading the distinct adapters' weights each
+forward pass at the measured memory bandwidth), one panel per max_new_tokens.
 
     .venv/bin/python bench/mixed_batch.py --reps 3 --new-tokens 1 16 --json bench/mixed_batch.json
     .venv/bin/python bench/plot_mixed_batch.py bench/mixed_batch.json bench/mixed_batch.png
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         ks = [r["adapters"] for r in rows]
         ax.plot(ks, [1.0] * len(ks), "k--", label="base model alone")
         ax.plot(ks, [r["ours_s"] / r["base_s"] for r in rows], "o-", label="Switchyard")
+        if all("floor_s" in r for r in rows):
+            ax.plot(ks, [r["floor_s"] / r["base_s"] for r in rows], ":", color="grey",
+                    label="base + reading the adapters each step")
         if all("peft_s" in r for r in rows):
             ax.plot(ks, [r["peft_s"] / r["base_s"] for r in rows], "s-", label="PEFT adapter_names")
         ax.set_xscale("log", base=2)
