@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
 
-from actors.kvcache import growing_cache
+from actors.kvcache import first_capacity, growing_cache
 from actors.layers import Route, routing
 from actors.runtime import UnknownAdapterError
 from actors.tasks.base import Encoded, RowError
@@ -384,7 +384,7 @@ class DecodeEngine:
             mask[to, width - (m.shape[1] - first):] = m[index, first:]
             positions[to], last[to] = p[index], t[index]
         room = max(r.encoded.params["max_new_tokens"] - len(r.tokens) for r in self._live)  # steps before a row ends
-        self._cache = growing_cache(None, width + room, layers)  # each step writes its own positions only
+        self._cache = growing_cache(None, first_capacity(width, room), layers)  # a step writes its own positions
         self._mask, self._positions, self._last = mask, positions, last
         self._route = Route(torch.tensor([r.slot for r in self._live], dtype=torch.long, device=device))
         self.max_rows = max(self.max_rows, len(self._live))

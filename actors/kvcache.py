@@ -18,6 +18,18 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+UPFRONT_NEW_TOKENS = 256  # new positions a cache allocates at its first update; past them it doubles
+
+
+def first_capacity(prompt: int, new_tokens: int) -> int:
+    """Positions to allocate at a cache's first update: the prompt's (`prompt`, any prefix
+    included) and up to UPFRONT_NEW_TOKENS new ones. Rows that stop early (EOS, a stop
+    string) then hold no memory for a large max_new_tokens they never reach; longer runs
+    double the buffer, holding at most twice what they use, as DynamicCache's concatenation
+    holds the old and the new cache for a moment at every step."""
+    return prompt + min(new_tokens, UPFRONT_NEW_TOKENS)
+
+
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values are views of a buffer with room to grow.
 

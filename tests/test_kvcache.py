@@ -88,3 +88,33 @@ def test_a_prefix_cache_starts_from_its_data():
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     keys, values = cache.update(k, v, 1)
     assert torch.equal(keys, torch.cat([data[1][0], k], dim=2)) and torch.equal(values, torch.cat([data[1][1], v], 2))
+
+
+def test_generate_past_the_first_allocation_equals_peft(tmp_path, monkeypatch):
+    """Rows whose new tokens run past the cache's first allocation (UPFRONT_NEW_TOKENS, 2
+    here) double its buffer and still equal PEFT alone, row for row."""
+    import oracle
+    import pyarrow as pa
+    from peft import LoraConfig
+
+    from actors import Predictor
+    from actors import kvcache
+    from testkit.adapters import save_adapter
+
+    assert kvcache.first_capacity(10, 1000) == 10 + kvcache.UPFRONT_NEW_TOKENS
+    monkeypatch.setattr(kvcache, "UPFRONT_NEW_TOKENS", 2)
+    assert kvcache.first_capacity(10, 9) == 12
+    model = build_llama(tmp_path / "model")
+    store = tmp_path / "store"
+    save_adapter(model, store, "a", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                 model_class=AutoModelForCausalLM, seed=1)
+    grown = []
+    real = GrowingLayer._grow
+    monkeypatch.setattr(GrowingLayer, "_grow", lambda self, *a: grown.append(self._room is not None) or real(self, *a))
+    predictor = Predictor(model=model, adapters=str(store), task="generate", canary=False)
+    adapters, limits = ["a", None, "a"], [9, 5, 9]
+    out = predictor(pa.table({"prompt": PROMPTS, "adapter_id": adapters, "max_new_tokens": limits})).to_pylist()
+    assert any(grown)  # a buffer grew past its first allocation
+    for row, prompt, adapter, n in zip(out, PROMPTS, adapters, limits):
+        text, count, _ = oracle.generate(model, str(store), adapter, prompt, n)
+        assert (row["generated_text"], row["num_generated_tokens"]) == (text, count)

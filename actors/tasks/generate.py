@@ -28,7 +28,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 from transformers import StoppingCriteriaList, TopKLogitsWarper, TopPLogitsWarper
 
 from actors.config import INPUT_COLUMNS, NO_CHAT_TEMPLATE, OTHER_INPUT_COLUMNS, TASK_OUTPUTS
-from actors.kvcache import growing_cache
+from actors.kvcache import first_capacity, growing_cache
 from actors.tasks.base import Encoded, RowError, is_missing
 from actors.tasks.text import TextTask
 
@@ -125,9 +125,10 @@ class GenerateTask(TextTask):
             _cover_prefix(inputs, self.pad_id)
         prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 0  # else only new tokens come
         limits = [r.params["max_new_tokens"] for r in rows]
-        if self.grows_cache:  # room for the prompt (and any prefix) and the longest row's new tokens
+        if self.grows_cache:  # room for the prompt (and any prefix) and new tokens: first_capacity
             prefix = inputs.get("cache")
-            inputs["cache"] = growing_cache(self.model.config, inputs["attention_mask"].shape[1] + max(limits),
+            room = first_capacity(inputs["attention_mask"].shape[1], max(limits))
+            inputs["cache"] = growing_cache(self.model.config, room,
                                             None if prefix is None else [(k, v) for k, v, *_ in prefix])
         temperatures = [r.params["temperature"] for r in rows]
         stop = self.config.stop
