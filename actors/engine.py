@@ -1,5 +1,6 @@
 """Continuous batching for task generate: a row joins the running mixed batch at the next
-decoding step and leaves it the step it finishes, each row through its own adapter.
+decoding step (under load, with others, within MAX_HELD_STEPS) and ends the step it finishes,
+each row through its own adapter.
 
 `DecodeEngine` owns one thread that loops: admit waiting rows (encode them, pin their
 adapter's slot for as long as they decode), prefill the newcomers together, merge their
@@ -29,13 +30,22 @@ from typing import Any
 import torch
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
 
-from actors.kvcache import first_capacity, growing_cache
+from actors.kvcache import cache_over, first_capacity
 from actors.layers import Route, routing
 from actors.runtime import UnknownAdapterError
 from actors.tasks.base import Encoded, RowError
 from actors.tasks.generate import RowSampler
 
 logger = logging.getLogger(__name__)
+# When waiting rows join a running batch (DecodeEngine's defaults): each join costs the live
+# rows a prefill forward and a copy of the batch's cache (and a new route), so under load they
+# join in groups. Waiting rows join at once while they number at least 1/JOIN_RATIO of the live
+# rows (so any newcomer beside up to 8 live rows), else after MAX_HELD_STEPS steps at most.
+# Finished rows stay in the tensors (their tokens ignored) until a join or until they are more
+# than DROP_FRACTION of the batch. bench/engine_loop.py measures the choice.
+JOIN_RATIO = 8
+MAX_HELD_STEPS = 8
+DROP_FRACTION = 0.25
 REPLACEMENT = "\ufffd"  # what decode shows for a character whose bytes have not all come yet
 
 
@@ -97,15 +107,20 @@ class DecodeEngine:
     Args:
         predictor: the Predictor (its model, adapters, task and defaults).
         max_rows: most rows decoding at once (`capacity`); more wait for a row to finish.
+        join_ratio, max_held_steps, drop_fraction: when rows join and leave (see JOIN_RATIO);
+            max_held_steps=0 and drop_fraction=0: every step (rows join at the next step,
+            finished ones leave at once).
     """
 
-    def __init__(self, predictor: Any, max_rows: int) -> None:
+    def __init__(self, predictor: Any, max_rows: int, *, join_ratio: float = JOIN_RATIO,
+                 max_held_steps: int = MAX_HELD_STEPS, drop_fraction: float = DROP_FRACTION) -> None:
         if predictor.config.task != "generate":
             raise ValueError(f"continuous batching runs task generate, not {predictor.config.task!r}")
         self.predictor = predictor
         self.task = predictor.task
         self.runtime = predictor.runtime
         self.capacity = max_rows
+        self.join_ratio, self.max_held_steps, self.drop_fraction = join_ratio, max_held_steps, drop_fraction
         self.broken: BaseException | None = None  # a fatal model error: the replica must go
         self.steps = 0  # decoding steps run
         self.rows_started = 0  # rows prefilled
@@ -114,6 +129,7 @@ class DecodeEngine:
         self.max_adapters = 0  # most distinct adapters (the base model counts) in one step
         self.rows_cancelled = 0  # rows that left early: their client went away
         self._waiting: deque[RowRequest] = deque()
+        self._held = 0  # steps the waiting rows have been held back (`_hold`)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._live: list[_Live] = []
@@ -156,7 +172,7 @@ class DecodeEngine:
                 try:
                     if new:
                         self._prefill(new)
-                    elif self._finished:
+                    elif self._finished > self.drop_fraction * len(self._live):
                         self._rebuild([], None)
                     if self._live:
                         self._decode_one_token()
@@ -169,6 +185,8 @@ class DecodeEngine:
             while not self._waiting and not self._live:
                 self._wake.wait()
             room = self.capacity - len(self._live) + self._finished
+            if self._hold(room):
+                return []
             taken = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
         admitted, blocked = [], []
         for request in taken:
@@ -183,6 +201,16 @@ class DecodeEngine:
             with self._wake:
                 self._waiting.extendleft(reversed(blocked))
         return admitted
+
+    def _hold(self, room: int) -> bool:
+        """Whether the waiting rows wait one more step (see JOIN_RATIO); called under the lock."""
+        waiting = min(len(self._waiting), room)
+        if (waiting and self.live_rows and waiting * self.join_ratio < self.live_rows
+                and self._held < self.max_held_steps):
+            self._held += 1
+            return True
+        self._held = 0
+        return False
 
     def _start(self, request: RowRequest) -> _Live | None | bool:
         """The row, ready to prefill; None when it failed (its sink has the error); False when
@@ -248,18 +276,20 @@ class DecodeEngine:
     # -- tokens ------------------------------------------------------------------------------
 
     def _choose(self, rows: list[_Live], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token from its logits [B, V]; logprobs noted for rows that want them."""
+        """Each row's next token from its logits [B, V]; logprobs noted for rows that want them.
+        Rows already finished (kept in the tensors until a rebuild) get the argmax, unused."""
         scores = logits
         if self._penalty is not None:
-            scores = torch.cat([self._penalty(_ids(r.context, logits.device), logits[i : i + 1].clone())
+            scores = torch.cat([logits[i : i + 1] if r.done else
+                                self._penalty(_ids(r.context, logits.device), logits[i : i + 1].clone())
                                 for i, r in enumerate(rows)])
         tokens = scores.argmax(-1)  # [B]
         for i, row in enumerate(rows):
-            if row.sampler is not None:
+            if row.sampler is not None and not row.done:
                 temperature = row.encoded.params["temperature"]
                 tokens[i] = row.sampler.draw(0, _ids(row.context, logits.device), scores[i : i + 1].clone(),
                                              temperature).item()
-        wanted = [i for i, r in enumerate(rows) if r.request.logprobs is not None]
+        wanted = [i for i, r in enumerate(rows) if r.request.logprobs is not None and not r.done]
         if wanted:
             logprobs = torch.log_softmax(logits[wanted], dim=-1)  # the model's own distribution
             for j, i in enumerate(wanted):
@@ -281,6 +311,8 @@ class DecodeEngine:
     def _advance(self, rows: list[_Live], tokens: torch.Tensor) -> None:
         """Append each row's token; report; drop the rows that finished."""
         for row, token in zip(rows, tokens.tolist()):
+            if row.done:  # finished at an earlier step, not yet dropped from the tensors
+                continue
             row.tokens.append(token)
             row.context.append(token)
             if self._done(row, token):
@@ -366,25 +398,29 @@ class DecodeEngine:
             spans.append((index, first, where[start:start + len(keep)].to(device)))
             width = max(width, mask.shape[1] - first)
             start += len(keep)
+        room = max(r.encoded.params["max_new_tokens"] - len(r.tokens) for r in self._live)  # steps before a row ends
+        capacity = first_capacity(width, room)  # the merged cache is written into the room it grows in: one copy
         layers = []
         for n in range(len(parts[0][1].layers)):
             keys = values = None
             for (rows, cache, *_), (index, first, to) in zip(parts, spans):
                 layer = cache.layers[n]
                 if keys is None:
-                    shape = (len(order), layer.keys.shape[1], width, layer.keys.shape[3])
-                    keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+                    shape = (len(order), layer.keys.shape[1], capacity, layer.keys.shape[3])
+                    keys, values = layer.keys.new_empty(shape), layer.values.new_empty(shape)
+                    keys[:, :, :width].zero_()  # left padding: masked, but must not hold NaN bits
+                    values[:, :, :width].zero_()
                 length = layer.keys.shape[2] - first
-                keys[to, :, width - length:] = layer.keys[index, :, first:]
-                values[to, :, width - length:] = layer.values[index, :, first:]
+                # index_copy_ of gathered rows: half the time of an advanced-index assignment on CPU
+                keys[:, :, width - length:width].index_copy_(0, to, layer.keys[:, :, first:].index_select(0, index))
+                values[:, :, width - length:width].index_copy_(0, to, layer.values[:, :, first:].index_select(0, index))
             layers.append((keys, values))
         mask = parts[0][2].new_zeros(len(order), width)
         positions, last = parts[0][3].new_empty(len(order)), parts[0][4].new_empty(len(order))
         for (rows, cache, m, p, t, keep), (index, first, to) in zip(parts, spans):
             mask[to, width - (m.shape[1] - first):] = m[index, first:]
             positions[to], last[to] = p[index], t[index]
-        room = max(r.encoded.params["max_new_tokens"] - len(r.tokens) for r in self._live)  # steps before a row ends
-        self._cache = growing_cache(None, first_capacity(width, room), layers)  # a step writes its own positions
+        self._cache = cache_over(layers, width)  # a step writes its own positions
         self._mask, self._positions, self._last = mask, positions, last
         self._route = Route(torch.tensor([r.slot for r in self._live], dtype=torch.long, device=device))
         self.max_rows = max(self.max_rows, len(self._live))

@@ -76,6 +76,17 @@ class GrowingLayer(DynamicLayer):
         self._room = None
         super().reset()
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> GrowingLayer:
+        """A layer over buffers [B, H, capacity, D] whose first `length` positions the caller
+        has filled: no copy; later steps write into the rest, then it doubles."""
+        layer = cls(keys.shape[-2])
+        layer.device = keys.device
+        layer.is_initialized = True
+        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+        layer._room = (keys, values, layer.keys)
+        return layer
+
 
 def growing_cache(model_config: object | None, capacity: int = 0,
                   data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
@@ -98,4 +109,15 @@ def growing_cache(model_config: object | None, capacity: int = 0,
         cache.layer_class_to_replicate = functools.partial(GrowingLayer, capacity)
     for i, (keys, values) in enumerate(data or ()):
         cache.update(keys, values, i)
+    return cache
+
+
+def cache_over(buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> DynamicCache:
+    """A cache whose layers are `GrowingLayer.over` the given (keys, values) buffers, each
+    [B, H, capacity, D] with its first `length` positions filled by the caller (e.g. the
+    continuous batcher's merge of two batches' caches, written straight into the room the
+    merged batch grows into instead of copied twice)."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer.over(keys, values, length) for keys, values in buffers]
+    cache.layer_class_to_replicate = GrowingLayer
     return cache

@@ -94,7 +94,8 @@ def main() -> None:
         W = [layers[name].weight for name in modules]
         names = sorted(p.name for p in Path(store).iterdir())
         bandwidth = read_bandwidth()
-        steps = {n: step_seconds(model, tokenizer, prompts(tokenizer, n), opts.reps) for n in {max(32, k) for k in COUNTS}}
+        rows = {max(32, k) for k in COUNTS}
+        steps = {n: step_seconds(model, tokenizer, prompts(tokenizer, n), opts.reps) for n in rows}
         print(f"torch threads {torch.get_num_threads()}, {opts.reps} interleaved reps, median ms per decoding step; "
               f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {len(modules)} adapted layers")
         print(f"{'adapters':>8} {'rows':>5} {'step':>7} {'linears':>8} {'+low-rank':>10} {'low-rank':>9} "

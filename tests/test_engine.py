@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import oracle
-from actors.engine import DecodeEngine, RowRequest, _held_back
+from actors.engine import DROP_FRACTION, JOIN_RATIO, MAX_HELD_STEPS, DecodeEngine, RowRequest, _held_back
 from actors.predictor import Predictor
 from testkit.data import SENTENCES
 
@@ -102,6 +102,75 @@ def test_rows_joining_a_running_batch_equal_peft(llama, llama_engine):
         assert rows.final(i)["num_input_tokens"] == len(oracle.processor(model, "generate")(prompt).input_ids)
     assert llama_engine.summary()["max_step_adapters"] >= len(names)
     assert llama_engine.live_rows == 0 and sum(llama_engine.runtime._pins.values()) == 0
+
+
+def _prefill_steps(engine: DecodeEngine) -> list[tuple[int, int]]:
+    """(engine.steps, rows) at each of the engine's prefills from now on."""
+    seen, prefill = [], engine._prefill
+
+    def recording(new):
+        seen.append((engine.steps, len(new)))
+        return prefill(new)
+
+    engine._prefill = recording
+    return seen
+
+
+def test_newcomers_beside_a_full_batch_join_in_groups(llama):
+    """Beside 16 live rows, one newcomer (fewer than 16 / JOIN_RATIO) is held for
+    MAX_HELD_STEPS steps, then joins; two newcomers join at once. Every row is PEFT's."""
+    model, store = llama
+    engine = DecodeEngine(Predictor(model=model, adapters=store, task="generate", max_new_tokens=40), 32)
+    names = [*sorted(p.name for p in Path(store).iterdir()), None]
+    live = [(SENTENCES[i % len(SENTENCES)][: 8 + i], names[i % len(names)], 40) for i in range(16)]
+    assert 1 * JOIN_RATIO < len(live) <= 2 * JOIN_RATIO
+    rows = Rows(engine)
+    for value, adapter, n in live:
+        rows.submit(value, adapter, n)
+    _wait_for_steps(engine, 2)
+    assert engine.live_rows == len(live)
+    prefills = _prefill_steps(engine)
+    lone = (SENTENCES[0][:11], names[0], 5)
+    start = engine.steps
+    rows.submit(*lone)
+    rows.final(len(live))
+    assert len(prefills) == 1 and prefills[0][0] >= start + MAX_HELD_STEPS, (prefills, start)
+    pair = [(SENTENCES[1][:13], names[1], 4), (SENTENCES[2][:7], None, 4)]
+    start = engine.steps
+    for row in pair:
+        rows.submit(*row)
+    rows.final(len(live) + 2)
+    assert prefills[1][0] < start + MAX_HELD_STEPS and sum(n for _, n in prefills[1:]) == 2, (prefills, start)
+    for i, (prompt, adapter, n) in enumerate(live + [lone] + pair):
+        assert rows.outcome(i) == oracle.generate(model, store, adapter, prompt, n), (adapter, prompt)
+
+
+def test_rows_that_finish_early_report_once_while_kept_in_the_batch(llama):
+    """Finished rows stay in the batch's tensors (up to DROP_FRACTION of it) while the others
+    decode on: a streamed row reports its deltas, then one final, then nothing; a sampled
+    row beside them keeps its own draws; every row is PEFT's."""
+    model, store = llama
+    engine = DecodeEngine(Predictor(model=model, adapters=store, task="generate", max_new_tokens=12, seed=3), 16)
+    names = [*sorted(p.name for p in Path(store).iterdir()), None]
+    short = [(SENTENCES[i][:10 + i], names[i % len(names)], 2) for i in range(2)]
+    long = [(SENTENCES[(i + 2) % len(SENTENCES)][:9 + i], names[(i + 2) % len(names)], 12) for i in range(9)]
+    assert len(short) <= DROP_FRACTION * (len(short) + len(long))
+    rows = Rows(engine)
+    for value, adapter, n in short:
+        rows.submit(value, adapter, n, stream=True, logprobs=1)
+    for value, adapter, n in long[:-1]:
+        rows.submit(value, adapter, n)
+    rows.submit(*long[-1], temperature=0.8, seed=5)
+    for i in range(len(short) + len(long)):
+        rows.final(i)
+    for i, (prompt, adapter, n) in enumerate(short + long):
+        temperature, seed = (0.8, 5) if i == len(short) + len(long) - 1 else (0.0, None)
+        expected = oracle.generate(model, store, adapter, prompt, n, temperature=temperature, seed=seed)
+        assert rows.outcome(i) == expected, (adapter, prompt)
+    for i in range(len(short)):
+        finals = [r for r in rows.reports[i] if "final" in r]
+        assert len(finals) == 1 and "final" in rows.reports[i][-1]
+        assert len(finals[0]["final"]["logprobs"]) == finals[0]["final"]["num_generated_tokens"]
 
 
 def test_a_chat_row_without_a_template_fails_alone(llama, llama_engine):

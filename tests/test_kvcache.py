@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, MistralConfig, MistralForCausalLM
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from actors.kvcache import GrowingLayer, growing_cache
+from actors.kvcache import GrowingLayer, cache_over, growing_cache
 from actors.tasks.generate import takes_growing_cache
 from testkit.models import build_gpt2, build_llama, llama_tokenizer
 
@@ -88,6 +88,22 @@ def test_a_prefix_cache_starts_from_its_data():
     k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
     keys, values = cache.update(k, v, 1)
     assert torch.equal(keys, torch.cat([data[1][0], k], dim=2)) and torch.equal(values, torch.cat([data[1][1], v], 2))
+
+
+def test_a_cache_over_filled_buffers_continues_in_them():
+    """`cache_over`: the caller's buffers, their first 3 positions filled, are the cache: a
+    step writes position 4 into them (no copy), and past their room it doubles."""
+    buffers = [(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)) for _ in range(2)]
+    filled = [(k[:, :, :3].clone(), v[:, :, :3].clone()) for k, v in buffers]
+    cache = cache_over(buffers, 3)
+    assert cache.get_seq_length() == 3
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    keys, values = cache.update(k, v, 1)
+    assert keys.data_ptr() == buffers[1][0].data_ptr() and values.data_ptr() == buffers[1][1].data_ptr()
+    assert torch.equal(keys, torch.cat([filled[1][0], k], 2)) and torch.equal(values, torch.cat([filled[1][1], v], 2))
+    more = torch.randn(2, 2, 3, 4)
+    keys, _ = cache.update(more, more, 1)  # 7 positions: past the 5 of room
+    assert torch.equal(keys, torch.cat([filled[1][0], k, more], 2)) and cache.layers[1]._room[0].shape[2] == 10
 
 
 def test_generate_past_the_first_allocation_equals_peft(tmp_path, monkeypatch):
